@@ -1,0 +1,84 @@
+"""Read documents from a text source: a local .txt/.jsonl/.jsonl.zst/.json file or a HF dataset.
+
+Local formats follow what `datasets` does with the same files: a .txt file has one document per
+non-empty line; .jsonl (optionally zstd-compressed) and .json (a list of records) hold records
+whose `text_field` is the document. Anything else is taken as a Hugging Face dataset name.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+from data.embedded import resolve_text
+
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".json")
+
+
+class TextSourceError(ValueError):
+    """A text source is missing, unreadable or holds no usable documents."""
+
+
+def _is_local(source: str) -> bool:
+    return source.endswith(LOCAL_SUFFIXES) or Path(source).exists()
+
+
+def load_documents(source: str, text_field: str = "text", split: str = "train",
+                   subset: str | None = None) -> list[str]:
+    """All non-empty documents of a source, in file order."""
+    resolved = resolve_text(source)
+    if _is_local(resolved):
+        docs = _read_local(Path(resolved), text_field)
+    else:
+        docs = _read_hub(resolved, text_field, split, subset)
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise TextSourceError(f"text source {source!r} holds no non-empty documents")
+    return docs
+
+
+def _read_local(path: Path, text_field: str) -> list[str]:
+    if not path.is_file():
+        raise TextSourceError(f"text file {path} does not exist; give an existing .txt/.jsonl/.json file "
+                              "or a Hugging Face dataset name")
+    name = path.name
+    if name.endswith(".txt"):
+        return path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if name.endswith(".json"):
+        records = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(records, list):
+            raise TextSourceError(f"{path}: a .json text source must hold a list of records")
+        return [_field(r, text_field, path, i + 1) for i, r in enumerate(records)]
+    if name.endswith(".jsonl.zst"):
+        import zstandard
+
+        with open(path, "rb") as raw:
+            stream = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
+            return [_field(json.loads(line), text_field, path, i + 1) for i, line in enumerate(stream)
+                    if line.strip()]
+    if name.endswith(".jsonl"):
+        with open(path, encoding="utf-8") as stream:
+            return [_field(json.loads(line), text_field, path, i + 1) for i, line in enumerate(stream)
+                    if line.strip()]
+    raise TextSourceError(f"{path}: unsupported text file type; use one of {', '.join(LOCAL_SUFFIXES)}")
+
+
+def _field(record: object, text_field: str, path: Path, line: int) -> str:
+    if not isinstance(record, dict) or text_field not in record:
+        raise TextSourceError(f"{path}:{line}: record has no {text_field!r} field; set text_field to the "
+                              "field that holds the text")
+    return str(record[text_field])
+
+
+def _read_hub(name: str, text_field: str, split: str, subset: str | None) -> list[str]:
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(name, subset, split=split)
+    except Exception as err:  # the hub, a missing dataset or a bad split all surface here
+        raise TextSourceError(f"could not load text source {name!r} (split {split!r}) as a local file or "
+                              f"a Hugging Face dataset: {err}") from err
+    if text_field not in dataset.column_names:
+        raise TextSourceError(f"dataset {name!r} has no column {text_field!r}; columns: {dataset.column_names}")
+    return list(dataset[text_field])

@@ -1,0 +1,33 @@
+"""Depth-prune a Hugging Face decoder: score every block, remove the least important in one shot.
+
+  python launch/prune.py --config configs/prune/smollm2_ppl_20.yaml [key=value ...]
+
+Writes a plain HF checkpoint plus pruning_report.json and block_importance.png to output_dir.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from data.cli import cli_config, run_main
+from pruning.config import PruneConfig
+from pruning.run import prune
+
+
+def main(argv: list[str]) -> int:
+    config = cli_config(PruneConfig, __doc__, argv)
+    result = prune(config)
+    report = result.report
+    print(f"criterion {report['criterion']}: removed blocks {result.removed} "
+          f"({report['num_blocks_before']} -> {report['num_blocks_after']} blocks, "
+          f"{report['params_before'] / 1e6:.1f}M -> {report['params_after'] / 1e6:.1f}M parameters, "
+          f"-{report['param_reduction']:.1%})")
+    print(f"calibration PPL {report['calibration_ppl_before']:.2f} -> {report['calibration_ppl_after']:.2f}")
+    print(f"checkpoint: {result.output_dir}")
+    print(f"report:     {result.output_dir / 'pruning_report.json'}")
+    print(f"plot:       {result.output_dir / 'block_importance.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, sys.argv[1:]))

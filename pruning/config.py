@@ -1,0 +1,111 @@
+"""Typed configuration of the pruning stage (see configs/prune/)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from data.config import ConfigError
+
+Criterion = Literal["ppl", "ppl+", "taylor", "taylor+", "mag", "mag+", "block_influence", "block_influence+"]
+CRITERIA: tuple[str, ...] = Criterion.__args__
+
+
+@dataclass
+class CalibrationConfig:
+    """The paper's default: 10 random 128-token samples, seed 1234, from book text."""
+
+    source: str = "embedded:books.jsonl"
+    text_field: str = "text"
+    split: str = "train"
+    subset: str | None = None
+    num_samples: int = 10
+    seq_len: int = 128
+    seed: int = 1234
+    batch_size: int = 10
+
+    __field_docs__ = {
+        "source": ".txt/.jsonl/.jsonl.zst/.json file, embedded:NAME, or a Hugging Face dataset name",
+        "batch_size": "calibration samples per forward pass",
+    }
+
+    def validate(self) -> None:
+        if self.num_samples < 1:
+            raise ConfigError("calibration.num_samples must be at least 1")
+        if self.seq_len < 2:
+            raise ConfigError("calibration.seq_len must be at least 2 tokens")
+        if self.batch_size < 1:
+            raise ConfigError("calibration.batch_size must be at least 1")
+
+
+@dataclass
+class TargetConfig:
+    """How much to remove: exactly one of num_blocks, param_ratio or an explicit list of blocks."""
+
+    num_blocks: int | None = None
+    param_ratio: float | None = None
+    blocks: list[int] | None = None
+
+    __field_docs__ = {
+        "num_blocks": "number of blocks to remove",
+        "param_ratio": "fraction of all parameters to remove (the paper's '20% pruned' = 0.2)",
+        "blocks": "explicit block indices to remove (scores are still computed and reported)",
+    }
+
+    def validate(self) -> None:
+        given = [k for k in ("num_blocks", "param_ratio", "blocks") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigError("set exactly one of target.num_blocks, target.param_ratio or target.blocks "
+                              f"(got {', '.join(given) or 'none'})")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ConfigError("target.num_blocks must be at least 1")
+        if self.param_ratio is not None and not 0 < self.param_ratio < 1:
+            raise ConfigError("target.param_ratio must be between 0 and 1 (0.2 removes 20% of parameters)")
+        if self.blocks is not None and not self.blocks:
+            raise ConfigError("target.blocks is empty: list the block indices to remove")
+
+
+@dataclass
+class PruneConfig:
+    model: str = "embedded:smollm2-135m"
+    output_dir: Path = Path("outputs/pruned")
+    overwrite: bool = False
+    criterion: Criterion = "ppl"
+    iterative: bool = False
+    protect_first: int | None = None
+    protect_last: int | None = None
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    verify_reload: bool = True
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    target: TargetConfig = field(default_factory=lambda: TargetConfig(param_ratio=0.2))
+
+    __field_docs__ = {
+        "model": "HF model directory or hub name, or embedded:smollm2-135m",
+        "criterion": "ppl | taylor | mag | block_influence; a '+' keeps the first 4 and last 2 blocks",
+        "iterative": "ppl only: remove one block at a time and rescore (SLEB-style)",
+        "protect_first": "blocks at the start never removed (default 4 for '+' criteria, else 0)",
+        "protect_last": "blocks at the end never removed (default 2 for '+' criteria, else 0)",
+        "device": "auto | cpu | cuda | cuda:N",
+        "dtype": "auto = float32 on CPU, bfloat16 on GPU",
+        "verify_reload": "reload the written checkpoint and check every weight was loaded",
+    }
+
+    @property
+    def base_criterion(self) -> str:
+        return self.criterion.rstrip("+")
+
+    @property
+    def protected_counts(self) -> tuple[int, int]:
+        plus = self.criterion.endswith("+")
+        first = self.protect_first if self.protect_first is not None else (4 if plus else 0)
+        last = self.protect_last if self.protect_last is not None else (2 if plus else 0)
+        return first, last
+
+    def validate(self) -> None:
+        if self.iterative and self.base_criterion != "ppl":
+            raise ConfigError(f"iterative=true works with the ppl criterion only, not {self.criterion!r}")
+        first, last = self.protected_counts
+        if first < 0 or last < 0:
+            raise ConfigError("protect_first and protect_last must be 0 or more")

@@ -1,0 +1,209 @@
+"""The pruning stage: score blocks, remove the least important in one shot, write the checkpoint.
+
+Everything that can fail cheaply (config, output path, model config, target, calibration text) is
+checked before the weights are loaded; the output is written under a temporary name, verified and
+renamed into place.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from data.artifacts import (
+    atomic_directory,
+    check_output_dir,
+    directory_fingerprint,
+    file_sha256,
+    library_versions,
+    write_json_atomic,
+)
+from data.config import save_config, to_dict
+from data.embedded import resolve_model, resolve_text
+from data.text import load_documents
+from pruning import scores as criteria
+from pruning.calibration import sample_calibration
+from pruning.config import PruneConfig
+from pruning.layers import block_parameter_counts, count_parameters, find_decoder_layers, remove_blocks
+from pruning.report import plot_block_importance
+from pruning.selection import blocks_for_ratio, check_target, choose_blocks, protected_blocks
+
+
+class ModelLoadError(ValueError):
+    """The model path or name cannot be read."""
+
+
+@dataclass
+class PruneResult:
+    output_dir: Path
+    removed: list[int]
+    kept: list[int]
+    scores: list[float]
+    report: dict
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _load_model_config(model: str):
+    looks_local = model.startswith((".", "/", "~")) or Path(model).exists()
+    if looks_local and not Path(model).expanduser().is_dir():
+        raise ModelLoadError(f"model path {model} does not exist or is not a directory; give a Hugging Face "
+                             "checkpoint directory or hub name")
+    try:
+        return AutoConfig.from_pretrained(model)
+    except Exception as err:
+        raise ModelLoadError(f"cannot read a model config from {model!r}: {err}. Give a Hugging Face checkpoint "
+                             "directory (with config.json) or a hub name you can reach") from err
+
+
+def _skeleton(config) -> PreTrainedModel:
+    """The model's structure without weights (meta device): for checks before loading anything."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def plan_removal(config: PruneConfig, skeleton: PreTrainedModel) -> tuple[int, list[int]]:
+    """Number of blocks to remove and the protected blocks; raises before any expensive work."""
+    _, layers = find_decoder_layers(skeleton)
+    num_layers = len(layers)
+    protected = protected_blocks(num_layers, *config.protected_counts)
+    target = config.target
+    if target.blocks is not None:
+        num_remove = len(target.blocks)
+    elif target.num_blocks is not None:
+        num_remove = target.num_blocks
+    else:
+        num_remove = blocks_for_ratio(block_parameter_counts(skeleton), count_parameters(skeleton),
+                                      target.param_ratio)
+    check_target(num_layers, protected, num_remove, target.blocks)
+    return num_remove, protected
+
+
+def score_blocks(model: PreTrainedModel, calibration: torch.Tensor, config: PruneConfig,
+                 num_remove: int, protected: list[int]) -> tuple[list[float], list[int], dict]:
+    """Importance of every block and the blocks to remove (plus criterion-specific extras)."""
+    batch = config.calibration.batch_size
+    base = config.base_criterion
+    if base == "ppl" and config.iterative:
+        order, rounds = criteria.iterative_ppl_order(model, calibration, num_remove, protected, batch)
+        return rounds[0], sorted(order), {"removal_order": order, "rounds": rounds}
+    if base == "ppl":
+        scores = criteria.ppl_scores(model, calibration, batch)
+    elif base == "taylor":
+        scores = criteria.taylor_scores(model, calibration, batch)
+    elif base == "mag":
+        scores = criteria.magnitude_scores(model)
+    else:
+        scores = criteria.block_influence_scores(model, calibration, batch)
+    return scores, choose_blocks(scores, num_remove, protected), {}
+
+
+def _fingerprint(source: str) -> str | None:
+    path = Path(source)
+    if path.is_dir():
+        return directory_fingerprint(path)
+    if path.is_file():
+        return file_sha256(path)
+    return None
+
+
+def prune(config: PruneConfig) -> PruneResult:
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    check_output_dir(output_dir, config.overwrite)
+
+    model_path = resolve_model(config.model)
+    model_config = _load_model_config(model_path)
+    skeleton = _skeleton(model_config)
+    num_remove, protected = plan_removal(config, skeleton)
+    num_layers = model_config.num_hidden_layers
+    del skeleton
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    cal = config.calibration
+    documents = load_documents(cal.source, cal.text_field, cal.split, cal.subset)
+    calibration = sample_calibration(documents, tokenizer, cal.num_samples, cal.seq_len, cal.seed)
+    timings["setup_s"] = time.perf_counter() - start
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    tick = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    calibration = calibration.to(device)
+    timings["load_s"] = time.perf_counter() - tick
+    params_before = count_parameters(model)
+    ppl_before = criteria.calibration_perplexity(model, calibration, cal.batch_size)
+
+    tick = time.perf_counter()
+    scores, removed, extras = score_blocks(model, calibration, config, num_remove, protected)
+    if config.target.blocks is not None:
+        removed = sorted(config.target.blocks)
+    timings["scoring_s"] = time.perf_counter() - tick
+
+    kept = remove_blocks(model, removed)
+    params_after = count_parameters(model)
+    ppl_after = criteria.calibration_perplexity(model, calibration, cal.batch_size)
+    report = {
+        "criterion": config.criterion,
+        "iterative": config.iterative,
+        "model": config.model,
+        "num_blocks_before": num_layers,
+        "num_blocks_after": len(kept),
+        "scores": scores,
+        "score_meaning": "higher = more important" + (" (calibration PPL without the block)"
+                                                      if config.base_criterion == "ppl" else ""),
+        "protected": protected,
+        "removed": removed,
+        "kept": kept,
+        **extras,
+        "params_before": params_before,
+        "params_after": params_after,
+        "param_reduction": 1 - params_after / params_before,
+        "target": to_dict(config.target),
+        "calibration_ppl_before": ppl_before,
+        "calibration_ppl_after": ppl_after,
+        "calibration": {**to_dict(config.calibration), "token_ids": calibration.tolist()},
+        "dtype": str(dtype),
+        "device": str(device),
+        "timings": timings,
+        "versions": library_versions(),
+        "fingerprints": {"model": _fingerprint(model_path),
+                         "calibration_source": _fingerprint(resolve_text(cal.source))},
+    }
+    tick = time.perf_counter()
+    with atomic_directory(output_dir, overwrite=config.overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if config.verify_reload:
+            verify_checkpoint(tmp, len(kept))
+        timings["save_s"] = time.perf_counter() - tick
+        timings["total_s"] = time.perf_counter() - start
+        report["fingerprints"]["output"] = directory_fingerprint(tmp)
+        write_json_atomic(tmp / "pruning_report.json", report)
+        plot_block_importance(scores, removed, protected, config.criterion, Path(str(config.model)).name,
+                              tmp / "block_importance.png")
+        save_config(config, tmp / "prune_config.yaml")
+    return PruneResult(output_dir, removed, kept, scores, report)
+
+
+def verify_checkpoint(path: Path, num_layers: int) -> None:
+    """Reload with plain transformers and insist every weight was found (no silent re-init)."""
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    problems = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if problems or model.config.num_hidden_layers != num_layers:
+        raise RuntimeError(f"the written checkpoint does not reload cleanly: {problems}")

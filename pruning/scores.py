@@ -1,0 +1,260 @@
+"""Block importance criteria. Every scorer returns one float per block: higher = more important.
+
+All criteria see the same calibration batch (LongTensor [samples, seq_len]).
+
+- `ppl`: perplexity of the calibration set with the block removed (the paper's PPL criterion).
+  Computed without rebuilding anything: one forward of the full model caches every block's input;
+  "without block i" then runs only blocks i+1.. from block i's cached input, through the model's
+  own forward (masks, rotary tables, final norm, head, soft-capping and loss all stay the model's).
+  Blocks before i are skipped, so a full scan does about half the block computations of
+  rebuilding each candidate and running it whole (`ppl_scores_rebuild`, kept as the reference).
+- `taylor`: sum over the block's weights of |sum_j dL/dW_ij * W_ij| per output neuron i
+  (first-order Taylor estimate of the loss change, reduced at the output-neuron level as the paper
+  says). Reduced per parameter the moment its gradient is ready, then the gradient is freed: the
+  full set of gradients is never held at once.
+- `mag`: sum of |W| over the block's weights.
+- `block_influence`: ShortGPT's Block Influence, mean over tokens of 1 - cos(block input, output).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from pruning.layers import find_decoder_layers, rebuild_without
+
+
+def _batches(calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return list(calibration.split(batch_size))
+
+
+def _nll_and_count(model: nn.Module, input_ids: torch.Tensor) -> tuple[float, int]:
+    output = model(input_ids=input_ids, labels=input_ids, use_cache=False)
+    count = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    return float(output.loss) * count, count
+
+
+class _Skip(nn.Module):
+    """Stands in for a block that is absent: passes the hidden states through."""
+
+    def __init__(self, block: nn.Module, tuple_output: bool):
+        super().__init__()
+        self.tuple_output = tuple_output
+        if hasattr(block, "attention_type"):
+            self.attention_type = block.attention_type
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return (hidden_states,) if self.tuple_output else hidden_states
+
+
+class _Replay(_Skip):
+    """Stands in for block i: emits the cached input of block i, as if blocks 0..i-1 had run."""
+
+    def __init__(self, block: nn.Module, tuple_output: bool, cached: torch.Tensor):
+        super().__init__(block, tuple_output)
+        self.cached = cached
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return (self.cached,) if self.tuple_output else self.cached
+
+
+@contextlib.contextmanager
+def _layers_replaced(model: nn.Module, replacement: list[nn.Module]) -> Iterator[None]:
+    path, layers = find_decoder_layers(model)
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, nn.ModuleList(replacement))
+    try:
+        yield
+    finally:
+        setattr(parent, attr, layers)
+
+
+def _hidden_from(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@torch.no_grad()
+def capture_block_io(model: nn.Module, input_ids: torch.Tensor, removed: Sequence[int] = ()
+                     ) -> tuple[list[torch.Tensor | None], list[torch.Tensor | None], bool]:
+    """Run the model once (with `removed` blocks skipped) and return every block's input and output.
+
+    Also reports whether blocks return a tuple (older transformers) or a tensor.
+    """
+    _, layers = find_decoder_layers(model)
+    inputs: list[torch.Tensor | None] = [None] * len(layers)
+    outputs: list[torch.Tensor | None] = [None] * len(layers)
+    tuple_output = [False]
+    handles = []
+    for index, block in enumerate(layers):
+        if index in removed:
+            continue
+
+        def pre_hook(module, args, kwargs, index=index):
+            inputs[index] = _hidden_from(args, kwargs).detach()
+
+        def post_hook(module, args, kwargs, output, index=index):
+            tuple_output[0] = isinstance(output, tuple)
+            outputs[index] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        handles.append(block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(block.register_forward_hook(post_hook, with_kwargs=True))
+    try:
+        replacement = [_Skip(b, False) if i in removed else b for i, b in enumerate(layers)]
+        with _layers_replaced(model, replacement):
+            model(input_ids=input_ids, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inputs, outputs, tuple_output[0]
+
+
+@torch.no_grad()
+def ppl_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 10,
+               removed: Sequence[int] = (), progress: bool = True) -> list[float]:
+    """Calibration perplexity without each block (already `removed` blocks stay out; they get nan)."""
+    _, layers = find_decoder_layers(model)
+    n = len(layers)
+    nll = [0.0] * n
+    count = [0] * n
+    candidates = [i for i in range(n) if i not in removed]
+    bar = tqdm(total=len(candidates) * math.ceil(len(calibration) / batch_size), desc="ppl criterion",
+               disable=not progress, leave=False)
+    for batch in _batches(calibration, batch_size):
+        inputs, _, tuple_output = capture_block_io(model, batch, removed)
+        for i in candidates:
+            replacement = [
+                _Replay(block, tuple_output, inputs[i]) if j == i
+                else _Skip(block, tuple_output) if j < i or j in removed
+                else block
+                for j, block in enumerate(layers)
+            ]
+            with _layers_replaced(model, replacement):
+                batch_nll, batch_count = _nll_and_count(model, batch)
+            nll[i] += batch_nll
+            count[i] += batch_count
+            bar.update()
+    bar.close()
+    return [math.exp(nll[i] / count[i]) if i in candidates else math.nan for i in range(n)]
+
+
+@torch.no_grad()
+def ppl_scores_rebuild(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 10,
+                       progress: bool = True, blocks: Sequence[int] | None = None) -> list[float]:
+    """The paper's method: rebuild the model without block i and run it whole, for every i
+    (or for the given `blocks` only)."""
+    _, layers = find_decoder_layers(model)
+    scores = []
+    for i in tqdm(blocks if blocks is not None else range(len(layers)), desc="ppl (rebuild)",
+                  disable=not progress, leave=False):
+        candidate = rebuild_without(model, [i])
+        nll = count = 0
+        for batch in _batches(calibration, batch_size):
+            batch_nll, batch_count = _nll_and_count(candidate, batch)
+            nll, count = nll + batch_nll, count + batch_count
+        scores.append(math.exp(nll / count))
+        del candidate
+    return scores
+
+
+@torch.no_grad()
+def calibration_perplexity(model: nn.Module, calibration: torch.Tensor, batch_size: int = 10) -> float:
+    nll = count = 0
+    for batch in _batches(calibration, batch_size):
+        batch_nll, batch_count = _nll_and_count(model, batch)
+        nll, count = nll + batch_nll, count + batch_count
+    return math.exp(nll / count)
+
+
+def iterative_ppl_order(model: PreTrainedModel, calibration: torch.Tensor, num_remove: int,
+                        protected: Sequence[int], batch_size: int = 10, progress: bool = True
+                        ) -> tuple[list[int], list[list[float]]]:
+    """SLEB-style greedy removal: remove the block whose absence hurts least, rescore, repeat.
+
+    Returns the removal order and the scores of every round (nan for blocks already removed).
+    """
+    removed: list[int] = []
+    rounds = []
+    for _ in tqdm(range(num_remove), desc="iterative ppl", disable=not progress):
+        scores = ppl_scores(model, calibration, batch_size, removed=removed, progress=False)
+        rounds.append(scores)
+        eligible = [i for i in range(len(scores)) if i not in removed and i not in protected]
+        removed.append(min(eligible, key=lambda i: scores[i]))
+    return removed, rounds
+
+
+def _block_weights(block: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Weights (matrices and norm scales) of a block; biases are left out, as in the paper."""
+    return [(name, p) for name, p in block.named_parameters() if name.endswith("weight")]
+
+
+def taylor_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 10) -> list[float]:
+    """First-order Taylor block importance, reduced per output neuron as gradients arrive."""
+    _, layers = find_decoder_layers(model)
+    was_training = model.training
+    model.eval()
+    saved_flags = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    partial: dict[int, torch.Tensor] = {}
+    owner: dict[int, int] = {}
+    handles = []
+
+    def reduce_and_free(param: torch.Tensor) -> None:
+        product = (param.detach() * param.grad).float()
+        rows = product.reshape(product.shape[0], -1).sum(dim=1) if product.dim() > 1 else product
+        partial[id(param)] += rows
+        param.grad = None
+
+    for index, block in enumerate(layers):
+        for _, param in _block_weights(block):
+            param.requires_grad_(True)
+            partial[id(param)] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
+            owner[id(param)] = index
+            handles.append(param.register_post_accumulate_grad_hook(reduce_and_free))
+    total_tokens = calibration.shape[0] * (calibration.shape[1] - 1)
+    try:
+        for batch in tqdm(_batches(calibration, batch_size), desc="taylor criterion", leave=False):
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+            share = batch.shape[0] * (batch.shape[1] - 1) / total_tokens
+            (loss * share).backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in saved_flags.items():
+            p.requires_grad_(flag)
+            p.grad = None
+        model.train(was_training)
+    scores = [0.0] * len(layers)
+    for key, rows in partial.items():
+        scores[owner[key]] += float(rows.abs().sum())
+    return scores
+
+
+@torch.no_grad()
+def magnitude_scores(model: PreTrainedModel) -> list[float]:
+    _, layers = find_decoder_layers(model)
+    return [float(sum(p.detach().abs().float().sum() for _, p in _block_weights(block))) for block in layers]
+
+
+@torch.no_grad()
+def block_influence_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 10
+                           ) -> list[float]:
+    """ShortGPT Block Influence from block inputs/outputs caught by hooks (not `hidden_states`,
+    whose last entry HF takes after the final norm)."""
+    _, layers = find_decoder_layers(model)
+    total = torch.zeros(len(layers), dtype=torch.float64)
+    tokens = 0
+    for batch in _batches(calibration, batch_size):
+        inputs, outputs, _ = capture_block_io(model, batch)
+        for i in range(len(layers)):
+            cosine = torch.nn.functional.cosine_similarity(inputs[i].float(), outputs[i].float(), dim=-1)
+            total[i] += (1 - cosine).sum().double()
+        tokens += batch.numel()
+    return (total / tokens).tolist()
