@@ -23,15 +23,17 @@ class ArtifactExistsError(FileExistsError):
 
 
 def check_output_dir(path: Path, overwrite: bool) -> None:
-    """Refuse an existing output before any expensive work starts."""
+    """Refuse an existing output, or one we could not write, before any expensive work starts."""
+    path = Path(path)
     if path.exists() and not overwrite:
         raise ArtifactExistsError(
             f"output directory {path} already exists; choose another output_dir or set overwrite=true"
         )
-    if not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK):
-        raise PermissionError(f"cannot write into {path.parent}: pick an output_dir you can write to")
+    ancestor = path.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not os.access(ancestor, os.W_OK):
+        raise PermissionError(f"cannot write {path}: {ancestor} is not writable; pick another output_dir")
 
 
 @contextlib.contextmanager
@@ -42,10 +44,11 @@ def atomic_directory(path: Path, overwrite: bool = False) -> Iterator[Path]:
     """
     path = Path(path)
     check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp.mkdir()
     try:
         yield tmp
     except BaseException:

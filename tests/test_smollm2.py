@@ -1,0 +1,50 @@
+"""The real model: the pruning stage on SmolLM2-135M, as the demo runs it."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from data.config import load_config
+from pruning.config import PruneConfig
+from pruning.run import prune
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_embedded_checkpoint_is_a_plain_hf_checkpoint(smollm2_dir, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
+    assert getattr(model.config, "quantization_config", None) is None
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        loss = model(input_ids=ids, labels=ids).loss
+    assert float(loss) < 6  # a trained model, not random weights (ln 49152 = 10.8)
+
+
+def test_prune_smollm2_by_ppl_from_the_command_line(tmp_path):
+    out = tmp_path / "pruned"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "prune.py"), "--config",
+         str(ROOT / "configs" / "prune" / "smollm2_ppl_20.yaml"), f"output_dir={out}"],
+        capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "pruning_report.json").read_text())
+    assert len(report["removed"]) == 7 and report["num_blocks_after"] == 23
+    assert 0.15 < report["param_reduction"] <= 0.2
+    assert not {0, 1, 29} & set(report["removed"])  # the blocks a trained model cannot lose
+    assert report["calibration_ppl_after"] < 5 * report["calibration_ppl_before"]
+    assert f"removed blocks {report['removed']}" in result.stdout
+
+
+def test_prune_smollm2_by_taylor_plus(tmp_path, books_path):
+    config = load_config(PruneConfig, None, [f"output_dir={tmp_path / 'out'}", "criterion=taylor+",
+                                             f"calibration.source={books_path}"])
+    result = prune(config)
+    assert len(result.removed) == 7
+    assert all(4 <= b <= 27 for b in result.removed)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert reloaded.config.num_hidden_layers == 23

@@ -1,0 +1,62 @@
+import json
+
+import pytest
+import torch
+import zstandard
+
+from data.text import TextSourceError, load_documents
+from pruning.calibration import CalibrationError, sample_calibration
+
+
+@pytest.fixture
+def sources(tmp_path):
+    docs = ["first document here", "", "second one", "third"]
+    txt = tmp_path / "a.txt"
+    txt.write_text("\n".join(docs))
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": d, "meta": {}}) for d in docs) + "\n")
+    zst = tmp_path / "a.jsonl.zst"
+    zst.write_bytes(zstandard.ZstdCompressor().compress(jsonl.read_bytes()))
+    js = tmp_path / "a.json"
+    js.write_text(json.dumps([{"output": d} for d in docs]))
+    return {"txt": txt, "jsonl": jsonl, "zst": zst, "json": js}
+
+
+def test_local_formats_give_the_same_documents(sources):
+    expected = ["first document here", "second one", "third"]
+    assert load_documents(str(sources["txt"])) == expected
+    assert load_documents(str(sources["jsonl"])) == expected
+    assert load_documents(str(sources["zst"])) == expected
+    assert load_documents(str(sources["json"]), text_field="output") == expected
+
+
+def test_missing_field_and_file(sources, tmp_path):
+    with pytest.raises(TextSourceError, match="no 'text' field"):
+        load_documents(str(sources["json"]))
+    with pytest.raises(TextSourceError, match="does not exist"):
+        load_documents(str(tmp_path / "missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(TextSourceError, match="no non-empty documents"):
+        load_documents(str(empty))
+
+
+def test_embedded_texts_are_real(wiki_path, books_path):
+    wiki = load_documents(str(wiki_path))
+    assert len(wiki) >= 30 and "Anarchism" in wiki[0]
+    books = load_documents(str(books_path))
+    assert len(books) > 70 and sum(len(b) > 50_000 for b in books) > 70  # whole books
+    assert len(load_documents("embedded:c4_demo.jsonl")) == 300
+    assert len(load_documents("embedded:alpaca_en_demo.json", text_field="instruction")) > 900
+
+
+def test_calibration_is_seeded_and_windowed(tokenizer, books_path):
+    docs = load_documents(str(books_path))
+    a = sample_calibration(docs, tokenizer, 10, 128, seed=1234)
+    b = sample_calibration(docs, tokenizer, 10, 128, seed=1234)
+    c = sample_calibration(docs, tokenizer, 10, 128, seed=7)
+    assert a.shape == (10, 128) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert len({tuple(row.tolist()) for row in a}) == 10
+    with pytest.raises(CalibrationError, match="lower calibration.num_samples or calibration.seq_len"):
+        sample_calibration(["short text", "also short"], tokenizer, 2, 128, seed=0)
