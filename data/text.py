@@ -21,7 +21,8 @@ class TextSourceError(ValueError):
 
 
 def _is_local(source: str) -> bool:
-    return source.endswith(LOCAL_SUFFIXES) or Path(source).exists()
+    """A text file; a directory or a name goes to `datasets.load_dataset` (hub or local dataset repo)."""
+    return source.endswith(LOCAL_SUFFIXES) or Path(source).is_file()
 
 
 def load_documents(source: str, text_field: str = "text", split: str = "train",

@@ -60,3 +60,16 @@ def test_calibration_is_seeded_and_windowed(tokenizer, books_path):
     assert len({tuple(row.tolist()) for row in a}) == 10
     with pytest.raises(CalibrationError, match="lower calibration.num_samples or calibration.seq_len"):
         sample_calibration(["short text", "also short"], tokenizer, 2, 128, seed=0)
+
+
+def test_dataset_repository_goes_through_datasets(tmp_path):
+    """A dataset name is read with `datasets.load_dataset`; a local repository has the same layout."""
+    repo = tmp_path / "my-corpus"
+    (repo / "data").mkdir(parents=True)
+    rows = [{"text": f"row {i}", "other": i} for i in range(5)]
+    (repo / "data" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert load_documents(str(repo), split="train") == [f"row {i}" for i in range(5)]
+    with pytest.raises(TextSourceError, match="has no column 'body'"):
+        load_documents(str(repo), text_field="body")
+    with pytest.raises(TextSourceError, match="could not load text source"):
+        load_documents(str(tmp_path / "no-such-dataset"))

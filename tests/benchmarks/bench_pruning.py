@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.embedded import smollm2_path, text_path
 from data.text import load_documents
 from pruning.calibration import sample_calibration
-from pruning.scores import ppl_scores, ppl_scores_rebuild, taylor_scores
+from pruning.scores import ppl_scores, ppl_scores_rebuild
 
 
 def calibration_batch(tokenizer) -> torch.Tensor:
