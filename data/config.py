@@ -115,7 +115,11 @@ def _build(cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
     kwargs = {}
     for name, field in fields.items():
         if name in values:
-            kwargs[name] = _coerce(prefix + name, values[name], hints[name])
+            value = values[name]
+            if dataclasses.is_dataclass(hints[name]) and field.default_factory is not dataclasses.MISSING \
+                    and isinstance(value, dict):  # a partial section updates the field's default, not the class's
+                value = _merge(dataclasses.asdict(field.default_factory()), value)
+            kwargs[name] = _coerce(prefix + name, value, hints[name])
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key {prefix}{name} ({_type_name(hints[name])})")
     return cls(**kwargs)

@@ -41,7 +41,10 @@ class CalibrationConfig:
 
 @dataclass
 class TargetConfig:
-    """How much to remove: exactly one of num_blocks, param_ratio or an explicit list of blocks."""
+    """How much to remove: one of num_blocks, param_ratio or an explicit list of blocks.
+
+    With none set, the paper's headline setting applies: param_ratio=0.2 (20% fewer parameters).
+    """
 
     num_blocks: int | None = None
     param_ratio: float | None = None
@@ -55,9 +58,12 @@ class TargetConfig:
 
     def validate(self) -> None:
         given = [k for k in ("num_blocks", "param_ratio", "blocks") if getattr(self, k) is not None]
+        if not given:
+            self.param_ratio = 0.2
+            given = ["param_ratio"]
         if len(given) != 1:
             raise ConfigError("set exactly one of target.num_blocks, target.param_ratio or target.blocks "
-                              f"(got {', '.join(given) or 'none'})")
+                              f"(got {', '.join(given) or 'none'}); clear the others, e.g. target.param_ratio=null")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ConfigError("target.num_blocks must be at least 1")
         if self.param_ratio is not None and not 0 < self.param_ratio < 1:
@@ -79,7 +85,7 @@ class PruneConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     verify_reload: bool = True
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    target: TargetConfig = field(default_factory=lambda: TargetConfig(param_ratio=0.2))
+    target: TargetConfig = field(default_factory=TargetConfig)
 
     __field_docs__ = {
         "model": "HF model directory or hub name, or embedded:smollm2-135m",

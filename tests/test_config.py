@@ -63,8 +63,10 @@ def test_resolved_config_round_trips(tmp_path):
 
 
 def test_prune_config_validation():
+    assert load_config(PruneConfig).target.param_ratio == 0.2  # the paper's 20% unless told otherwise
+    assert load_config(PruneConfig, None, ["target.num_blocks=3"]).target.param_ratio is None
     with pytest.raises(ConfigError, match="exactly one of"):
-        load_config(PruneConfig, None, ["target.num_blocks=3"])
+        load_config(PruneConfig, None, ["target.num_blocks=3", "target.param_ratio=0.3"])
     with pytest.raises(ConfigError, match="criterion: 'magic' is not one of"):
         load_config(PruneConfig, None, ["criterion=magic"])
     with pytest.raises(ConfigError, match="iterative=true works with the ppl criterion only"):

@@ -1,6 +1,5 @@
 import pytest
 import torch
-from conftest import ARCHITECTURES, TINY_LAYERS, make_tiny_model
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -11,6 +10,7 @@ from pruning.layers import (
     rebuild_without,
     remove_blocks,
 )
+from tests.tiny_models import ARCHITECTURES, TINY_LAYERS, make_tiny_model
 
 DROP = [1, 4, 5]
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, TINY_LAYERS
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
@@ -18,6 +17,7 @@ from pruning.config import CRITERIA, PruneConfig
 from pruning.layers import LayersNotFoundError
 from pruning.run import ModelLoadError, prune
 from pruning.selection import TargetError
+from tests.tiny_models import ARCHITECTURES, TINY_LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
 

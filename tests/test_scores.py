@@ -2,7 +2,6 @@ import math
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, TINY_LAYERS, make_tiny_model
 
 from pruning.layers import find_decoder_layers, rebuild_without
 from pruning.scores import (
@@ -14,6 +13,7 @@ from pruning.scores import (
     ppl_scores_rebuild,
     taylor_scores,
 )
+from tests.tiny_models import ARCHITECTURES, TINY_LAYERS, make_tiny_model
 
 
 @pytest.fixture(scope="module")
