@@ -12,7 +12,6 @@ file and line. A corrupt or truncated compressed stream fails that file with an 
 from __future__ import annotations
 
 import glob
-import io
 import json
 import logging
 from collections import Counter
@@ -63,18 +62,38 @@ def discover_inputs(inputs: list[str], split: str = "train") -> list[Path]:
     return sorted(dict.fromkeys(files))
 
 
+def _zstd_chunks(raw, path: Path) -> Iterator[bytes]:
+    """Decompressed chunks of a (possibly multi-frame) zstd file; a truncated last frame is an error."""
+    decompressor = zstandard.ZstdDecompressor()
+    frame = decompressor.decompressobj()
+    while block := raw.read(1 << 20):
+        while block:
+            yield frame.decompress(block)
+            block = b""
+            if frame.eof and frame.unused_data:
+                block = frame.unused_data
+                frame = decompressor.decompressobj()
+    if not frame.eof:
+        raise zstandard.ZstdError("the last frame ends early")
+
+
 def _lines(path: Path) -> Iterator[bytes]:
     with open(path, "rb") as raw:
-        if path.name.endswith(".zst"):
-            reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-            stream = io.BufferedReader(reader, buffer_size=1 << 20)
-        else:
-            stream = raw
+        if not path.name.endswith(".zst"):
+            yield from raw
+            return
+        pending = b""
         try:
-            yield from stream
+            for chunk in _zstd_chunks(raw, path):
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    yield line + b"\n"
         except zstandard.ZstdError as err:
             raise CorpusError(f"{path}: corrupt or truncated zstd stream ({err}); re-download or remove "
                               "this file and run again (finished shards are kept)") from err
+        if pending:
+            yield pending
 
 
 def _dig(record: dict, dotted: str):

@@ -1,0 +1,189 @@
+"""Packed training sequences from token shards, in a seeded global order, resumable in O(1).
+
+Sequences: the split's shards are one concatenated token stream, cut into consecutive
+`seq_len`-token sequences (concatenate-then-split); the final `total % seq_len` tokens are never
+used. Labels are the inputs (Hugging Face models shift them inside the loss).
+
+Order: global sample position p (0, 1, 2, ... over the whole run) maps to sequence
+`perm_e(p mod N)` with epoch e = p // N and a fresh seeded permutation per epoch, so the data
+repeats in a new order when it runs out. A global batch is positions [s*G, (s+1)*G) for step s;
+data-parallel rank r takes the contiguous slice r*G/W .. (r+1)*G/W of it, in micro-batches. The
+order is therefore independent of the world size and of the number of loader workers.
+
+State: seed, consumed samples (and the epoch they imply), global batch and the manifest
+fingerprint. Restoring it is arithmetic: no data is read or skipped.
+
+Document masking (default on): each sequence carries `position_ids` that restart at 0 at every
+document start, and the label of each document's first token is -100 so no token is trained to
+predict the start of the next document. Given `position_ids` and no attention mask, transformers
+builds a block-diagonal causal mask (sdpa/eager on CPU) or uses flash-attention's varlen path
+(`attn_implementation="flash_attention_2"` on GPU), so attention never crosses documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.permutation import Permutation
+from data.shards import DataMismatchError, Manifest
+
+IGNORE_INDEX = -100
+
+
+class PackedSequences(Dataset):
+    """Map-style dataset: sequence k of a split, as input_ids / labels / position_ids tensors."""
+
+    def __init__(self, directory: Path, seq_len: int, split: str = "train", document_masking: bool = True,
+                 tokenizer=None):
+        self.manifest = Manifest.load(directory)
+        if tokenizer is not None:
+            self.manifest.check_tokenizer(tokenizer)
+        self.seq_len = seq_len
+        self.document_masking = document_masking
+        self.split = split
+        self._shards = [s for s in self.manifest.shards(split) if s["tokens"] > 0]
+        self._ends = np.cumsum([s["tokens"] for s in self._shards], dtype=np.int64)
+        total = int(self._ends[-1]) if len(self._ends) else 0
+        self.num_sequences = total // seq_len
+        if self.num_sequences == 0:
+            raise DataMismatchError(f"split {split!r} of {directory} has {total} tokens, fewer than one "
+                                    f"sequence of {seq_len}: use more data or a shorter seq_len")
+        self._tokens: list[np.ndarray] | None = None
+        self._docs: list[np.ndarray] | None = None
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def _open(self) -> None:
+        """Memory-map the shards lazily, in the process (loader worker) that reads them."""
+        base = self.manifest.directory / self.split
+        self._tokens = [np.memmap(base / f"{s['name']}.tokens", dtype=self.manifest.dtype, mode="r")
+                        for s in self._shards]
+        self._docs = [np.load(base / f"{s['name']}.docs.npy", mmap_mode="r") for s in self._shards]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self._tokens is None:
+            self._open()
+        start, stop = index * self.seq_len, (index + 1) * self.seq_len
+        pieces, doc_starts = [], []
+        shard = int(np.searchsorted(self._ends, start, side="right"))
+        position = start
+        while position < stop:
+            shard_start = int(self._ends[shard - 1]) if shard else 0
+            lo, hi = position - shard_start, min(stop, int(self._ends[shard])) - shard_start
+            pieces.append(np.asarray(self._tokens[shard][lo:hi], dtype=np.int64))
+            offsets = self._docs[shard]
+            first, last = np.searchsorted(offsets, lo, side="left"), np.searchsorted(offsets, hi, side="left")
+            doc_starts.append(np.asarray(offsets[first:last]) + shard_start - start)
+            position = hi + shard_start
+            shard += 1
+        input_ids = torch.from_numpy(np.concatenate(pieces))
+        labels = input_ids.clone()
+        if not self.document_masking:
+            return {"input_ids": input_ids, "labels": labels, "position_ids": torch.arange(self.seq_len)}
+        starts = np.concatenate(doc_starts).astype(np.int64)
+        starts = starts[starts > 0]
+        labels[torch.from_numpy(starts)] = IGNORE_INDEX
+        reset = np.zeros(self.seq_len, dtype=np.int64)
+        reset[starts] = starts  # position = index - start of its document
+        position_ids = np.arange(self.seq_len) - np.maximum.accumulate(reset)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": torch.from_numpy(position_ids)}
+
+
+@dataclass
+class LoaderState:
+    seed: int
+    consumed_samples: int
+    global_batch: int
+    fingerprint: str
+    epoch: int = 0
+
+
+class GlobalBatchSampler:
+    """Yields this rank's micro-batches of sequence indices from a given global position onward."""
+
+    def __init__(self, num_sequences: int, global_batch: int, micro_batch: int, world_size: int, rank: int,
+                 seed: int, consumed_samples: int = 0):
+        if global_batch % (micro_batch * world_size):
+            raise ValueError(f"global batch {global_batch} is not divisible by micro batch {micro_batch} x "
+                             f"world size {world_size}")
+        if consumed_samples % global_batch:
+            raise ValueError(f"consumed samples {consumed_samples} is not a whole number of global batches "
+                             f"of {global_batch}")
+        self.num_sequences, self.global_batch, self.micro_batch = num_sequences, global_batch, micro_batch
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.consumed_samples = consumed_samples
+        self._permutations: dict[int, Permutation] = {}
+
+    def sequence_ids(self, positions: np.ndarray) -> np.ndarray:
+        epochs = positions // self.num_sequences
+        result = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            perm = self._permutations.get(int(epoch))
+            if perm is None:
+                perm = self._permutations.setdefault(int(epoch), Permutation(self.num_sequences,
+                                                                             self.seed * 1_000_003 + int(epoch)))
+            result[mask] = perm(positions[mask] % self.num_sequences)
+        return result
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self.global_batch // self.world_size
+        step = self.consumed_samples // self.global_batch
+        while True:
+            first = step * self.global_batch + self.rank * per_rank
+            for micro in range(0, per_rank, self.micro_batch):
+                positions = np.arange(first + micro, first + micro + self.micro_batch, dtype=np.int64)
+                yield self.sequence_ids(positions).tolist()
+            step += 1
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+class PackedLoader:
+    """This rank's endless stream of micro-batches, with a tiny resumable state."""
+
+    def __init__(self, dataset: PackedSequences, global_batch: int, micro_batch: int, world_size: int = 1,
+                 rank: int = 0, seed: int = 0, num_workers: int = 0, consumed_samples: int = 0):
+        self.dataset = dataset
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.world_size, self.rank, self.seed, self.num_workers = world_size, rank, seed, num_workers
+        self.accumulation = global_batch // (micro_batch * world_size)
+        self.consumed_samples = consumed_samples
+        GlobalBatchSampler(len(dataset), global_batch, micro_batch, world_size, rank, seed, consumed_samples)
+
+    def state_dict(self) -> dict:
+        return vars(LoaderState(self.seed, self.consumed_samples, self.global_batch,
+                                self.dataset.manifest.fingerprint,
+                                self.consumed_samples // len(self.dataset))).copy()
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.dataset.manifest.fingerprint:
+            raise DataMismatchError("the checkpoint's data position belongs to other token data (manifest "
+                                    "fingerprint differs): resume with the data the run started with")
+        if state["global_batch"] != self.global_batch:
+            raise DataMismatchError(f"the checkpoint was trained with global batch {state['global_batch']}, "
+                                    f"not {self.global_batch}: keep the global batch to resume exactly")
+        self.seed = state["seed"]
+        self.consumed_samples = state["consumed_samples"]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        sampler = GlobalBatchSampler(len(self.dataset), self.global_batch, self.micro_batch, self.world_size,
+                                     self.rank, self.seed, self.consumed_samples)
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
+                            num_workers=self.num_workers, persistent_workers=False)
+        micro = 0
+        for batch in loader:
+            micro += 1
+            if micro == self.accumulation:  # a whole global step has been handed out
+                micro = 0
+                self.consumed_samples += self.global_batch
+            yield batch
