@@ -37,11 +37,12 @@ from data.shards import (
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation")
 RUN_RECORD = "prepare_run.json"
+_MAX_BATCH_CHARS = 1 << 21  # bounds the tokenizer's working memory when documents are whole books
 
 
 @dataclass
 class PrepareConfig:
-    inputs: list[str] = field(default_factory=lambda: ["embedded:c4_demo.jsonl", "embedded:wiki_demo.txt"])
+    inputs: list[str] = field(default_factory=lambda: ["embedded:c4_demo.jsonl", "embedded:books.jsonl"])
     input_split: str = "train"
     output_dir: Path = Path("outputs/tokens")
     tokenizer: str = "embedded:smollm2-135m"
@@ -133,6 +134,7 @@ def _tokenize_file(task: tuple[int, str]) -> dict:
     filtered: Counter = Counter()
     try:
         batch: list[tuple[str, str]] = []
+        batch_chars = 0
 
         def flush() -> None:
             for (text, source_set), ids in zip(batch, _encode([t for t, _ in batch]), strict=True):
@@ -145,8 +147,10 @@ def _tokenize_file(task: tuple[int, str]) -> dict:
                 filtered[doc.source_set] += 1
                 continue
             batch.append((doc.text, doc.source_set))
-            if len(batch) >= _WORKER["batch_documents"]:
+            batch_chars += len(doc.text)
+            if len(batch) >= _WORKER["batch_documents"] or batch_chars >= _MAX_BATCH_CHARS:
                 flush()
+                batch_chars = 0
         flush()
     except (CorpusError, OSError) as err:
         for writer in writers.values():

