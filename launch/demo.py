@@ -89,9 +89,7 @@ def main(argv: list[str]) -> int:
         print(f"| {name} | {row['blocks']} | {row['params'] / 1e6:.1f}M | {row['ppl']:.2f} | "
               f"{config.prompt} {row['text'].strip()[:60]}... |")
     print()
-    print(f"checkpoint: {stage}")
-    print(f"report:     {stage / 'pruning_report.json'}")
-    print(f"plot:       {stage / 'block_importance.png'}")
+    print("\n".join(result.artifact_lines()))
     return 0
 
 

@@ -23,9 +23,7 @@ def main(argv: list[str]) -> int:
           f"{report['params_before'] / 1e6:.1f}M -> {report['params_after'] / 1e6:.1f}M parameters, "
           f"-{report['param_reduction']:.1%})")
     print(f"calibration PPL {report['calibration_ppl_before']:.2f} -> {report['calibration_ppl_after']:.2f}")
-    print(f"checkpoint: {result.output_dir}")
-    print(f"report:     {result.output_dir / 'pruning_report.json'}")
-    print(f"plot:       {result.output_dir / 'block_importance.png'}")
+    print("\n".join(result.artifact_lines()))
     return 0
 
 

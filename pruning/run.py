@@ -45,6 +45,10 @@ class PruneResult:
     scores: list[float]
     report: dict
 
+    def artifact_lines(self) -> list[str]:
+        return [f"checkpoint: {self.output_dir}", f"report:     {self.output_dir / 'pruning_report.json'}",
+                f"plot:       {self.output_dir / 'block_importance.png'}"]
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":

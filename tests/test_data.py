@@ -228,3 +228,12 @@ def test_document_masking_equals_separate_documents(tokens_dir, tokenizer):
     torch.testing.assert_close(packed, separate, rtol=1e-5, atol=1e-4)
     unmasked = PackedSequences(tokens_dir, 256, document_masking=False)[index]
     assert torch.equal(unmasked["position_ids"], torch.arange(256)) and (unmasked["labels"] >= 0).all()
+
+
+def test_a_file_that_is_not_zstd_fails_with_its_name(smollm2_dir, tmp_path):
+    garbage = tmp_path / "in" / "example_train_0.jsonl.zst"
+    garbage.parent.mkdir()
+    garbage.write_bytes(b"this is not a zstd stream at all\n" * 10)
+    with pytest.raises(CorpusError, match="example_train_0.jsonl.zst: corrupt or truncated zstd"):
+        prepare(_config(garbage, tmp_path / "tok", smollm2_dir))
+    assert not (tmp_path / "tok" / "manifest.json").exists()

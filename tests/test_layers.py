@@ -1,7 +1,7 @@
 import pytest
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoModelForCausalLM
 
 from pruning.layers import (
     LayersNotFoundError,
@@ -10,7 +10,7 @@ from pruning.layers import (
     rebuild_without,
     remove_blocks,
 )
-from tests.tiny_models import ARCHITECTURES, TINY_LAYERS, make_tiny_model
+from tests.tiny_models import ARCHITECTURES, TINY_LAYERS, FlatConfig, FlatModel, make_tiny_model
 
 DROP = [1, 4, 5]
 
@@ -22,25 +22,9 @@ def test_finds_layers_by_introspection(arch):
     assert path == "model.layers" and len(layers) == TINY_LAYERS
 
 
-class _NoLayersConfig(PretrainedConfig):
-    model_type = "no-layers"
-
-    def __init__(self, num_hidden_layers=2, **kwargs):
-        super().__init__(**kwargs)
-        self.num_hidden_layers = num_hidden_layers
-
-
-class _NoLayersModel(PreTrainedModel):
-    config_class = _NoLayersConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.proj = nn.Linear(4, 4)
-
-
 def test_model_without_decoder_layers_is_refused():
     with pytest.raises(LayersNotFoundError, match="could not find the decoder layers"):
-        find_decoder_layers(_NoLayersModel(_NoLayersConfig()))
+        find_decoder_layers(FlatModel(FlatConfig()))
     with pytest.raises(LayersNotFoundError, match="num_hidden_layers"):
         find_decoder_layers(nn.Linear(2, 2))
 

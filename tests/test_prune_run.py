@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from data.artifacts import ArtifactExistsError
 from data.config import ConfigError, load_config
@@ -17,7 +16,7 @@ from pruning.config import CRITERIA, PruneConfig
 from pruning.layers import LayersNotFoundError
 from pruning.run import ModelLoadError, prune
 from pruning.selection import TargetError
-from tests.tiny_models import ARCHITECTURES, TINY_LAYERS
+from tests.tiny_models import ARCHITECTURES, TINY_LAYERS, FlatConfig, FlatModel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,28 +95,12 @@ def test_explicit_blocks(tiny_model_dirs, books_path, tmp_path):
 
 # --- bad input: a clear error before any expensive work, nothing written -----------------------
 
-class _FlatConfig(PretrainedConfig):
-    model_type = "shorten-flat-test"
-
-    def __init__(self, num_hidden_layers=2, **kwargs):
-        super().__init__(**kwargs)
-        self.num_hidden_layers = num_hidden_layers
-
-
-class _FlatModel(PreTrainedModel):
-    config_class = _FlatConfig
-
-    def __init__(self, config):
-        super().__init__(config)
-        self.proj = nn.Linear(4, 4)
-
-
 @pytest.fixture
 def flat_model_dir(tmp_path):
-    AutoConfig.register("shorten-flat-test", _FlatConfig, exist_ok=True)
-    AutoModelForCausalLM.register(_FlatConfig, _FlatModel, exist_ok=True)
+    AutoConfig.register("shorten-flat-test", FlatConfig, exist_ok=True)
+    AutoModelForCausalLM.register(FlatConfig, FlatModel, exist_ok=True)
     path = tmp_path / "flat"
-    _FlatModel(_FlatConfig()).save_pretrained(path)
+    FlatModel(FlatConfig()).save_pretrained(path)
     return path
 
 

@@ -1,7 +1,16 @@
 """Tiny random-weight models of several architectures, for fast unit tests."""
 
 import torch
-from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Qwen2Config
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma2Config,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    Qwen2Config,
+)
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "gemma2")
 TINY_LAYERS = 8
@@ -31,3 +40,21 @@ def make_tiny_model(arch: str, vocab_size: int, seed: int = 0):
             if "layers" in name and param.dim() > 1:
                 param.mul_(1 + (hash(name) % 7) / 3)
     return model
+
+
+class FlatConfig(PretrainedConfig):
+    """A model with `num_hidden_layers` but no list of blocks: depth pruning must refuse it."""
+
+    model_type = "shorten-flat-test"
+
+    def __init__(self, num_hidden_layers=2, **kwargs):
+        super().__init__(**kwargs)
+        self.num_hidden_layers = num_hidden_layers
+
+
+class FlatModel(PreTrainedModel):
+    config_class = FlatConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.proj = nn.Linear(4, 4)
