@@ -8,9 +8,11 @@ whose record exists. The manifest is written last: its presence means the data s
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -170,8 +172,6 @@ def _check_run_record(config: PrepareConfig, out: Path, fingerprint: str, files:
               "inputs": [str(f) for f in files], "num_shards": config.num_shards}
     path = out / RUN_RECORD
     if path.exists():
-        import json
-
         previous = json.loads(path.read_text())
         changed = sorted(k for k in record if previous.get(k) != record[k])
         if changed:
@@ -192,8 +192,6 @@ def prepare(config: PrepareConfig) -> Path:
         if not config.overwrite:
             raise FileExistsError(f"{manifest_path} exists: this data is complete. Choose another output_dir, "
                                   "or set overwrite=true to tokenize again")
-        import shutil
-
         shutil.rmtree(out)
     files = discover_inputs([resolve_text(s) for s in config.inputs], config.input_split)
     mine = [(i, str(f)) for i, f in enumerate(files) if i % config.num_shards == config.shard_index]
@@ -297,8 +295,6 @@ def build_manifest(config: PrepareConfig, tokenizer, fingerprint: str, dtype: np
 
 def merge_parts(config: PrepareConfig) -> Path:
     """One manifest over the parts written by `num_shards` jobs into the same output_dir."""
-    import json
-
     out = Path(config.output_dir)
     parts = []
     for index in range(config.num_shards):
