@@ -77,7 +77,8 @@ def _zstd_chunks(raw, path: Path) -> Iterator[bytes]:
         raise zstandard.ZstdError("the last frame ends early")
 
 
-def _lines(path: Path) -> Iterator[bytes]:
+def iter_lines(path: Path) -> Iterator[bytes]:
+    """Raw lines of a plain or zstd-compressed file, streamed; a damaged stream raises CorpusError."""
     with open(path, "rb") as raw:
         if not path.name.endswith(".zst"):
             yield from raw
@@ -118,7 +119,7 @@ def read_documents(path: Path, skipped: Counter, text_field: str = "text",
             warned += 1
 
     is_text = path.name.endswith(".txt")
-    for line_no, raw in enumerate(_lines(path), start=1):
+    for line_no, raw in enumerate(iter_lines(path), start=1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError:

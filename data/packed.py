@@ -23,7 +23,7 @@ builds a block-diagonal causal mask (sdpa/eager on CPU) or uses flash-attention'
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -105,17 +105,23 @@ class LoaderState:
     epoch: int = 0
 
 
+def check_batch_layout(global_batch: int, micro_batch: int, world_size: int, consumed_samples: int) -> int:
+    """Gradient accumulation steps for this layout; refuses a global batch that does not divide."""
+    if global_batch % (micro_batch * world_size):
+        raise ValueError(f"global batch {global_batch} is not divisible by micro batch {micro_batch} x "
+                         f"world size {world_size}")
+    if consumed_samples % global_batch:
+        raise ValueError(f"consumed samples {consumed_samples} is not a whole number of global batches "
+                         f"of {global_batch}")
+    return global_batch // (micro_batch * world_size)
+
+
 class GlobalBatchSampler:
     """Yields this rank's micro-batches of sequence indices from a given global position onward."""
 
     def __init__(self, num_sequences: int, global_batch: int, micro_batch: int, world_size: int, rank: int,
                  seed: int, consumed_samples: int = 0):
-        if global_batch % (micro_batch * world_size):
-            raise ValueError(f"global batch {global_batch} is not divisible by micro batch {micro_batch} x "
-                             f"world size {world_size}")
-        if consumed_samples % global_batch:
-            raise ValueError(f"consumed samples {consumed_samples} is not a whole number of global batches "
-                             f"of {global_batch}")
+        check_batch_layout(global_batch, micro_batch, world_size, consumed_samples)
         self.num_sequences, self.global_batch, self.micro_batch = num_sequences, global_batch, micro_batch
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.consumed_samples = consumed_samples
@@ -156,14 +162,12 @@ class PackedLoader:
         self.dataset = dataset
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.world_size, self.rank, self.seed, self.num_workers = world_size, rank, seed, num_workers
-        self.accumulation = global_batch // (micro_batch * world_size)
+        self.accumulation = check_batch_layout(global_batch, micro_batch, world_size, consumed_samples)
         self.consumed_samples = consumed_samples
-        GlobalBatchSampler(len(dataset), global_batch, micro_batch, world_size, rank, seed, consumed_samples)
 
     def state_dict(self) -> dict:
-        return vars(LoaderState(self.seed, self.consumed_samples, self.global_batch,
-                                self.dataset.manifest.fingerprint,
-                                self.consumed_samples // len(self.dataset))).copy()
+        return asdict(LoaderState(self.seed, self.consumed_samples, self.global_batch,
+                                  self.dataset.manifest.fingerprint, self.consumed_samples // len(self.dataset)))
 
     def load_state_dict(self, state: dict) -> None:
         if state["fingerprint"] != self.dataset.manifest.fingerprint:

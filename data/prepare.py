@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from data.artifacts import library_versions, write_json_atomic
 from data.config import ConfigError, to_dict
-from data.corpus import CorpusError, discover_inputs, read_documents
+from data.corpus import SKIP_REASONS, CorpusError, discover_inputs, read_documents
 from data.embedded import resolve_model, resolve_text
 from data.shards import (
     FORMAT,
@@ -253,41 +253,43 @@ def _run_tasks(todo: list[tuple[int, str]], tokenizer_path: str, settings: dict,
     return errors
 
 
-def build_manifest(config: PrepareConfig, tokenizer, fingerprint: str, dtype: np.dtype,
-                   records: list[dict], num_inputs: int) -> dict:
-    splits: dict = {}
-    sets: dict = {}
+def summarize_shards(shards_by_split: dict[str, list[dict]]) -> dict:
+    """The manifest's totals, all derived from the shard records: per split, per source set, and
+    skipped/filtered records (counted once per input file, from its train shard)."""
+    splits, sets = {}, {}
     skipped: Counter = Counter()
     filtered: Counter = Counter()
-    for per_file in records:
-        for split, record in per_file.items():
-            entry = splits.setdefault(split, {"shards": [], "tokens": 0, "documents": 0})
-            entry["shards"].append(record)
-            entry["tokens"] += record["tokens"]
-            entry["documents"] += record["documents"]
+    for split, shards in shards_by_split.items():
+        shards = sorted(shards, key=lambda r: r["name"])
+        splits[split] = {"shards": shards, "tokens": sum(r["tokens"] for r in shards),
+                         "documents": sum(r["documents"] for r in shards)}
+        for record in shards:
             for name, count in record["set_tokens"].items():
                 stats = sets.setdefault(name, {"documents": 0, "tokens": 0})
                 stats["tokens"] += count
                 stats["documents"] += record["set_documents"][name]
-        first = next(iter(per_file.values()))
-        skipped.update(first["skipped"])
-        filtered.update(first["filtered_sets"])
-    for entry in splits.values():
-        entry["shards"].sort(key=lambda r: r["name"])
+            if split == "train":
+                skipped.update(record["skipped"])
+                filtered.update(record["filtered_sets"])
+    return {"splits": splits, "sets": sets,
+            "skipped": {reason: skipped.get(reason, 0) for reason in sorted(set(skipped) | set(SKIP_REASONS))},
+            "filtered_sets": dict(filtered)}
+
+
+def build_manifest(config: PrepareConfig, tokenizer, fingerprint: str, dtype: np.dtype,
+                   records: list[dict], num_inputs: int) -> dict:
+    shards_by_split = {split: [per_file[split] for per_file in records] for split in (records[0] if records else {})}
+    summary = summarize_shards(shards_by_split)
     return {
         "format": FORMAT,
         "dtype": dtype.name,
         "tokenizer": {"name": config.tokenizer, "fingerprint": fingerprint, "bos_id": tokenizer.bos_token_id,
                       "eos_id": tokenizer.eos_token_id, "vocab_size": len(tokenizer)},
         "framing": {"add_bos": config.add_bos, "add_eos": config.add_eos},
-        "splits": splits,
-        "sets": sets,
-        "skipped": {reason: skipped.get(reason, 0) for reason in sorted(set(skipped) | {"malformed_json",
-                    "missing_text", "invalid_utf8", "empty"})},
-        "filtered_sets": dict(filtered),
+        **summary,
         "num_input_files": num_inputs,
         "part": None if config.num_shards == 1 else {"index": config.shard_index, "count": config.num_shards},
-        "fingerprint": manifest_fingerprint(fingerprint, splits),
+        "fingerprint": manifest_fingerprint(fingerprint, summary["splits"]),
         "config": to_dict(config),
         "versions": library_versions(("tokenizers", "transformers", "numpy", "zstandard")),
     }
@@ -303,34 +305,14 @@ def merge_parts(config: PrepareConfig) -> Path:
             raise DataMismatchError(f"cannot merge: part {index} of {config.num_shards} is missing ({path}); "
                                     "run that part first")
         parts.append(json.loads(path.read_text()))
-    fingerprints = {p["tokenizer"]["fingerprint"] for p in parts}
-    if len(fingerprints) != 1:
+    if len({p["tokenizer"]["fingerprint"] for p in parts}) != 1:
         raise DataMismatchError("cannot merge: the parts were tokenized with different tokenizers")
-    merged = dict(parts[0])
-    merged["splits"] = {}
+    shards_by_split: dict[str, list[dict]] = {}
     for part in parts:
         for split, entry in part["splits"].items():
-            target = merged["splits"].setdefault(split, {"shards": [], "tokens": 0, "documents": 0})
-            target["shards"].extend(entry["shards"])
-            target["tokens"] += entry["tokens"]
-            target["documents"] += entry["documents"]
-    for entry in merged["splits"].values():
-        entry["shards"].sort(key=lambda r: r["name"])
-    merged["sets"] = _sum_nested([p["sets"] for p in parts])
-    merged["skipped"] = dict(sum((Counter(p["skipped"]) for p in parts), Counter()))
-    merged["filtered_sets"] = dict(sum((Counter(p["filtered_sets"]) for p in parts), Counter()))
-    merged["part"] = None
-    merged["merged_parts"] = config.num_shards
-    merged["fingerprint"] = manifest_fingerprint(parts[0]["tokenizer"]["fingerprint"], merged["splits"])
+            shards_by_split.setdefault(split, []).extend(entry["shards"])
+    summary = summarize_shards(shards_by_split)
+    merged = {**parts[0], **summary, "part": None, "merged_parts": config.num_shards,
+              "fingerprint": manifest_fingerprint(parts[0]["tokenizer"]["fingerprint"], summary["splits"])}
     write_json_atomic(out / MANIFEST, merged)
     return out / MANIFEST
-
-
-def _sum_nested(items: list[dict]) -> dict:
-    total: dict = {}
-    for item in items:
-        for name, stats in item.items():
-            target = total.setdefault(name, dict.fromkeys(stats, 0))
-            for key, value in stats.items():
-                target[key] += value
-    return total

@@ -1,7 +1,7 @@
 """Token shards on disk and the manifest that describes them.
 
 A shard is three files: `<name>.tokens` (a flat uint16 or uint32 token array, raw), `<name>.docs.npy`
-(int64 document start offsets, plus the total length at the end) and `<name>.sets.npy` (uint8 id of
+(int64 document start offsets, plus the total length at the end) and `<name>.sets.npy` (uint16 id of
 each document's source set, into the shard's `sets` list), and a `<name>.json` record written last:
 a shard without its record is incomplete and is redone.
 """
@@ -64,14 +64,16 @@ class ShardWriter:
         self._file.close()
         base = self.directory / self.name
         np.save(self.directory / f".{self.name}.docs.tmp.npy", np.asarray(self._offsets, dtype=np.int64))
-        np.save(self.directory / f".{self.name}.sets.tmp.npy", np.asarray(self._set_ids, dtype=np.uint8))
+        set_ids = np.asarray(self._set_ids, dtype=np.uint16)
+        np.save(self.directory / f".{self.name}.sets.tmp.npy", set_ids)
         os.replace(self._tmp, f"{base}.tokens")
         os.replace(self.directory / f".{self.name}.docs.tmp.npy", f"{base}.docs.npy")
         os.replace(self.directory / f".{self.name}.sets.tmp.npy", f"{base}.sets.npy")
         record = {"name": self.name, "tokens": self._offsets[-1], "documents": len(self._set_ids),
                   "sha256": self._hash.hexdigest(), "sets": list(self._sets),
                   "set_tokens": self.set_tokens,
-                  "set_documents": {s: self._set_ids.count(i) for s, i in self._sets.items()}, **extra}
+                  "set_documents": dict(zip(self._sets, np.bincount(set_ids, minlength=len(self._sets)).tolist(),
+                                            strict=True)), **extra}
         tmp = self.directory / f".{self.name}.json.tmp"
         tmp.write_text(json.dumps(record))
         os.replace(tmp, f"{base}.json")

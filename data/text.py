@@ -7,10 +7,10 @@ whose `text_field` is the document. Anything else is taken as a Hugging Face dat
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
+from data.corpus import iter_lines
 from data.embedded import resolve_text
 
 LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".json")
@@ -51,17 +51,9 @@ def _read_local(path: Path, text_field: str) -> list[str]:
         if not isinstance(records, list):
             raise TextSourceError(f"{path}: a .json text source must hold a list of records")
         return [_field(r, text_field, path, i + 1) for i, r in enumerate(records)]
-    if name.endswith(".jsonl.zst"):
-        import zstandard
-
-        with open(path, "rb") as raw:
-            stream = io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(raw), encoding="utf-8")
-            return [_field(json.loads(line), text_field, path, i + 1) for i, line in enumerate(stream)
-                    if line.strip()]
-    if name.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as stream:
-            return [_field(json.loads(line), text_field, path, i + 1) for i, line in enumerate(stream)
-                    if line.strip()]
+    if name.endswith((".jsonl", ".jsonl.zst")):
+        lines = (raw.decode("utf-8", errors="replace") for raw in iter_lines(path))
+        return [_field(json.loads(line), text_field, path, i + 1) for i, line in enumerate(lines) if line.strip()]
     raise TextSourceError(f"{path}: unsupported text file type; use one of {', '.join(LOCAL_SUFFIXES)}")
 
 

@@ -64,33 +64,36 @@ def per_layer_config_keys(config: PretrainedConfig) -> list[str]:
             if isinstance(value, (list, tuple)) and len(value) == num_layers and not key.startswith("_")]
 
 
+def _cut_per_layer_config(config: PretrainedConfig, keep: Sequence[int]) -> None:
+    """Keep only the entries of the kept blocks in every per-layer config list, in place."""
+    for key in per_layer_config_keys(config):
+        value = getattr(config, key)
+        setattr(config, key, type(value)(value[i] for i in keep))
+    config.num_hidden_layers = len(keep)
+
+
 def pruned_config(config: PretrainedConfig, keep: Sequence[int]) -> PretrainedConfig:
     """A copy of `config` describing only the kept blocks."""
     new = copy.deepcopy(config)
-    for key in per_layer_config_keys(config):
-        value = getattr(config, key)
-        setattr(new, key, type(value)(value[i] for i in keep))
-    new.num_hidden_layers = len(keep)
+    _cut_per_layer_config(new, keep)
     return new
 
 
-def check_removal(num_layers: int, drop: Sequence[int]) -> None:
+def kept_blocks(num_layers: int, drop: Sequence[int]) -> list[int]:
+    """The blocks that stay when `drop` is removed; refuses out-of-range indices and removing all."""
     bad = [i for i in drop if not 0 <= i < num_layers]
     if bad:
         raise ValueError(f"block indices {bad} are out of range: the model has blocks 0..{num_layers - 1}")
     if len(set(drop)) >= num_layers:
         raise ValueError(f"cannot remove {len(set(drop))} of {num_layers} blocks: at least one must stay")
+    return [i for i in range(num_layers) if i not in set(drop)]
 
 
 def remove_blocks(model: PreTrainedModel, drop: Sequence[int]) -> list[int]:
     """Remove blocks in place, keeping config and `layer_idx` consistent. Returns the kept indices."""
     path, layers = find_decoder_layers(model)
-    check_removal(len(layers), drop)
-    keep = [i for i in range(len(layers)) if i not in set(drop)]
-    new_config = pruned_config(model.config, keep)
-    for key in per_layer_config_keys(model.config):
-        setattr(model.config, key, getattr(new_config, key))
-    model.config.num_hidden_layers = len(keep)
+    keep = kept_blocks(len(layers), drop)
+    _cut_per_layer_config(model.config, keep)
     kept = nn.ModuleList([layers[i] for i in keep])
     for new_index, block in enumerate(kept):
         for module in block.modules():
@@ -122,8 +125,7 @@ def rebuild_without(model: PreTrainedModel, drop: Sequence[int]) -> PreTrainedMo
     criterion is tested and benchmarked against.
     """
     _, layers = find_decoder_layers(model)
-    check_removal(len(layers), drop)
-    keep = [i for i in range(len(layers)) if i not in set(drop)]
+    keep = kept_blocks(len(layers), drop)
     config = pruned_config(model.config, keep)
     fresh = type(model)(config).to(dtype=model.dtype, device=model.device)
     fresh.load_state_dict(renamed_state_dict(model, keep), strict=True)
