@@ -8,6 +8,7 @@ called after loading, before any expensive work.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import types
 import typing
@@ -81,7 +82,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             try:
                 return int(value)
             except ValueError:
-                pass
+                with contextlib.suppress(ValueError):  # 37e9 (YAML reads it as a string)
+                    if float(value).is_integer():
+                        return int(float(value))
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -1,0 +1,51 @@
+"""Continued pretraining of a pruned model with DeepSpeed ZeRO (the paper's recipe by default).
+
+  deepspeed --num_gpus 8 launch/cpt.py --config configs/cpt/<recipe>.yaml [key=value ...]
+  torchrun --nproc_per_node 8 launch/cpt.py --config ...     srun python launch/cpt.py --config ...
+
+Run it again with the same output_dir and it resumes from the latest committed checkpoint, with
+the data position restored exactly (on another world size too, through DeepSpeed's universal
+checkpoint format). SIGUSR1 or SIGTERM on any rank: the ranks agree at the next step boundary,
+commit a checkpoint and exit with code 75 (EX_TEMPFAIL, "try again"). Exit codes: 0 training
+complete, 2 bad config or inputs (nothing started), 75 stopped by a signal after checkpointing.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+# A flag only (no I/O in the handler). Installed before the heavy imports: SIGUSR1's default
+# action would otherwise kill the process while torch and DeepSpeed load.
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+_stop_requested: list[int] = []
+
+
+def _request_stop(signum: int, frame) -> None:
+    _stop_requested.append(signum)
+
+
+for _signal in STOP_SIGNALS:
+    signal.signal(_signal, _request_stop)
+
+from data.cli import cli_config, run_main  # noqa: E402
+from training.config import CPTConfig  # noqa: E402
+from training.distributed import init_distributed, prepare_environment  # noqa: E402
+from training.preflight import plan_run  # noqa: E402
+
+PREEMPTED_EXIT_CODE = 75
+
+
+def main(argv: list[str]) -> int:
+    config = cli_config(CPTConfig, __doc__, argv)
+    world = prepare_environment()
+    plan = plan_run(config, world)  # every cheap check, before any process group or model exists
+    init_distributed()
+    from training.trainer import Trainer
+
+    outcome = Trainer(config, plan, should_stop=lambda: bool(_stop_requested)).train()
+    return PREEMPTED_EXIT_CODE if outcome == "preempted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, sys.argv[1:]))

@@ -1,0 +1,190 @@
+"""Typed configuration of continued pretraining (see configs/cpt/).
+
+The defaults are the paper's CPT recipe (Kim et al. 2024, appendix E): AdamW betas (0.9, 0.95),
+weight decay 0.1, lr 1e-4, global batch 512 sequences of 2048 tokens, micro-batch 2, gradient
+clipping 1.0. The paper states no learning-rate schedule; ours is linear warmup over 1% of the
+steps, then cosine decay to 10% of the peak (`schedule.*`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from data.config import ConfigError
+
+
+@dataclass
+class DataSection:
+    path: Path = Path("outputs/tokens")
+    seq_len: int = 2048
+    document_masking: bool = True
+    num_workers: int = 1
+    seed: int = 1234
+
+    __field_docs__ = {
+        "path": "tokenized data directory (holds manifest.json, from launch/prepare_data.py)",
+        "document_masking": "attention and positions restart at each document inside a packed sequence",
+        "num_workers": "DataLoader worker processes per rank",
+        "seed": "seed of the sample order (a new permutation per epoch)",
+    }
+
+    def validate(self) -> None:
+        if self.seq_len < 2:
+            raise ConfigError("data.seq_len must be at least 2 tokens")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must be 0 or more")
+
+
+@dataclass
+class OptimizerSection:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.1
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+
+    __field_docs__ = {
+        "weight_decay": "applied to matrices and embeddings; biases and norm gains (1-D tensors) are exempt",
+        "grad_clip": "max global gradient norm (0 disables clipping)",
+    }
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError("optimizer.lr must be positive")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("optimizer.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ConfigError("optimizer.weight_decay and optimizer.grad_clip must be 0 or more")
+
+
+@dataclass
+class ScheduleSection:
+    warmup_fraction: float = 0.01
+    warmup_steps: int | None = None
+    decay: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.1
+
+    __field_docs__ = {
+        "warmup_fraction": "linear warmup over this share of the steps (ignored when warmup_steps is set)",
+        "warmup_steps": "linear warmup over exactly this many steps",
+        "decay": "after warmup: cosine or linear decay to min_lr_ratio x lr, or constant",
+        "min_lr_ratio": "final lr as a fraction of the peak lr",
+    }
+
+    def validate(self) -> None:
+        if not 0 <= self.warmup_fraction < 1:
+            raise ConfigError("schedule.warmup_fraction must be in [0, 1)")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            raise ConfigError("schedule.warmup_steps must be 0 or more")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("schedule.min_lr_ratio must be in [0, 1]")
+
+
+@dataclass
+class CheckpointSection:
+    every_steps: int = 1000
+    every_minutes: float = 60.0
+    keep_last: int = 2
+    permanent_every: int = 5000
+    export_at_end: bool = True
+
+    __field_docs__ = {
+        "every_steps": "save a committed checkpoint every this many steps (0: only on time, stop and end)",
+        "every_minutes": "also save when this much wall time passed since the last save (0: off)",
+        "keep_last": "committed checkpoints kept besides the permanent ones",
+        "permanent_every": "checkpoints at multiples of this step are never deleted (0: none)",
+        "export_at_end": "write a Hugging Face checkpoint to exports/step_N when training completes",
+    }
+
+    def validate(self) -> None:
+        if self.every_steps < 0 or self.every_minutes < 0 or self.permanent_every < 0:
+            raise ConfigError("checkpoint.every_steps, every_minutes and permanent_every must be 0 or more")
+        if self.keep_last < 1:
+            raise ConfigError("checkpoint.keep_last must be at least 1 (the one to resume from)")
+
+
+@dataclass
+class LoggingSection:
+    every_steps: int = 1
+    tensorboard: bool = True
+    peak_tflops: float | None = None
+
+    __field_docs__ = {
+        "every_steps": "progress line on rank 0 every this many steps (metrics.jsonl gets every step)",
+        "peak_tflops": "accelerator peak TFLOP/s per device for MFU; default: known GPUs by name, none on CPU",
+    }
+
+    def validate(self) -> None:
+        if self.every_steps < 1:
+            raise ConfigError("logging.every_steps must be at least 1")
+
+
+@dataclass
+class ValidationSection:
+    every_steps: int = 500
+    sequences: int = 64
+
+    __field_docs__ = {
+        "every_steps": "held-out loss on the data's validation split every this many steps (0: off)",
+        "sequences": "validation sequences, the first ones of the split, shared across ranks",
+    }
+
+    def validate(self) -> None:
+        if self.every_steps < 0 or self.sequences < 0:
+            raise ConfigError("validation.every_steps and validation.sequences must be 0 or more")
+
+
+@dataclass
+class CPTConfig:
+    model: str = "outputs/pruned"
+    output_dir: Path = Path("outputs/cpt")
+    data: DataSection = field(default_factory=DataSection)
+    train_steps: int | None = None
+    train_tokens: int | None = None
+    global_batch: int = 512
+    micro_batch: int = 2
+    zero_stage: Literal[1, 2, 3] = 2
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    activation_checkpointing: bool = False
+    attn_implementation: str = "sdpa"
+    optimizer: OptimizerSection = field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    resume: bool = True
+    deepspeed: dict[str, Any] = field(default_factory=dict)
+
+    __field_docs__ = {
+        "model": "pruned Hugging Face checkpoint (path, hub name or embedded:smollm2-135m)",
+        "output_dir": "run directory: checkpoints/, tensorboard/, metrics.jsonl, exports/; rerun to resume",
+        "train_steps": "optimizer steps to train (set this or train_tokens)",
+        "train_tokens": "tokens to train on; steps = ceil(tokens / (global_batch x seq_len))",
+        "global_batch": "sequences per optimizer step = micro_batch x accumulation x data-parallel size",
+        "micro_batch": "sequences per rank per forward/backward",
+        "zero_stage": "DeepSpeed ZeRO stage: 1, 2 or 3",
+        "precision": "bf16 or fp32; auto = bf16 on GPU, fp32 on CPU",
+        "attn_implementation": "sdpa, eager or flash_attention_2 (packed documents use varlen on GPU)",
+        "resume": "resume from the latest committed checkpoint in output_dir; false refuses to reuse it",
+        "deepspeed": "extra DeepSpeed config merged over ours (e.g. {zero_optimization: {overlap_comm: true}})",
+    }
+
+    def validate(self) -> None:
+        if (self.train_steps is None) == (self.train_tokens is None):
+            raise ConfigError("set exactly one of train_steps or train_tokens (e.g. train_tokens=37e9 as the "
+                              "paper's 20%-pruned model, or train_steps=100)")
+        if (self.train_steps or 1) < 1 or (self.train_tokens or 1) < 1:
+            raise ConfigError("train_steps / train_tokens must be positive")
+        if self.micro_batch < 1 or self.global_batch < 1:
+            raise ConfigError("global_batch and micro_batch must be at least 1")
+        if self.global_batch % self.micro_batch:
+            raise ConfigError(f"global_batch {self.global_batch} is not a multiple of micro_batch "
+                              f"{self.micro_batch}: global = micro x accumulation x data-parallel size")
+
+    def total_steps(self) -> int:
+        if self.train_steps is not None:
+            return self.train_steps
+        tokens_per_step = self.global_batch * self.data.seq_len
+        return -(-int(self.train_tokens) // tokens_per_step)

@@ -1,0 +1,102 @@
+"""Process-group setup for every way a run is started, and the few collectives the trainer needs.
+
+The `deepspeed` launcher and `torchrun` set RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and
+MASTER_PORT. Slurm's `srun` sets none of them (DeepSpeed would fall back to MPI discovery and
+fail), so they are derived from SLURM_PROCID, SLURM_LOCALID, SLURM_NTASKS and the job's node list.
+A plain `python launch/cpt.py` is a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+DEFAULT_PORT = 29500
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (`node[01-04],gpu7` -> `node01`), via scontrol when present."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
+                             check=True, timeout=30).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        head = prefix + rest.split("-")[0].split(",")[0].rstrip("]")
+    return head
+
+
+def slurm_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """torch.distributed variables derived from an `srun` task's environment ({} outside srun)."""
+    if "SLURM_PROCID" not in env or "RANK" in env:
+        return {}
+    job = int(env.get("SLURM_JOB_ID", "0") or 0)
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "WORLD_SIZE": env.get("SLURM_NTASKS", "1"),
+        "MASTER_ADDR": env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "localhost")),
+        # stable across a requeue of the same job, different for jobs sharing a node
+        "MASTER_PORT": env.get("MASTER_PORT") or str(DEFAULT_PORT + 1 + job % 20000),
+    }
+
+
+def prepare_environment() -> WorldInfo:
+    """Fill in the torch.distributed variables for srun or a single process; returns who we are."""
+    os.environ.update(slurm_environment(os.environ))
+    if "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": os.environ.get("MASTER_PORT", str(_free_port()))})
+    return WorldInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
+
+
+def init_distributed() -> None:
+    import deepspeed  # heavy; imported only once the run is known to be valid
+
+    deepspeed.init_distributed(dist_init_required=True)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few floats over all ranks in one collective."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
