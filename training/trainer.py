@@ -9,7 +9,7 @@ committed checkpoint (converted to DeepSpeed's universal format first if the wor
 Each step (`train`): `accumulation` micro-batches of forward/backward, one optimizer step inside
 DeepSpeed, then one all-reduce that averages the loss and lets the ranks agree on two flags: a
 stop was requested (SIGUSR1/SIGTERM on any rank) and a timed checkpoint is due (rank 0's clock).
-Periodic evaluations (held-out loss; zero-shot later) run at their steps; checkpoints are saved
+Periodic evaluations (held-out loss, lm-eval zero-shot) run at their steps; checkpoints are saved
 every N steps, every T minutes, on a stop and at the end. A stop saves and returns "preempted".
 """
 
@@ -35,6 +35,7 @@ from training.optim import build_optimizer, build_scheduler
 from training.preflight import RunPlan, checkpoint_store, load_tokenizer
 from training.throughput import flops_per_token, peak_flops, peak_memory_gb
 from training.validation import ValidationLoss
+from training.zeroshot import ZeroShotEvaluation
 
 
 class PeriodicEvaluation(Protocol):
@@ -123,6 +124,11 @@ class Trainer:
                                        config.data.document_masking)
             self.evaluations.insert(0, ValidationLoss(held_out, config.validation.sequences, config.micro_batch,
                                                       plan.world, config.validation.every_steps))
+        if plan.zeroshot_tasks is not None:
+            zeroshot = config.zeroshot
+            self.evaluations.append(ZeroShotEvaluation(plan.zeroshot_tasks, zeroshot.tasks, self.tokenizer,
+                                                       zeroshot.every_steps, zeroshot.batch_size,
+                                                       config.data.seq_len, zeroshot.limit))
         self.step = 0
         if plan.resume_from is not None:
             self.resume()
