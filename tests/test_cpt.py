@@ -129,11 +129,22 @@ def test_zero2_trains_logs_and_exports(reference, inputs):
     AutoTokenizer.from_pretrained(reference / "exports" / tag_for(STEPS))
 
 
+ZEROSHOT = ["zeroshot.every_steps=5", "zeroshot.tasks=[wiki_cloze]", "zeroshot.include_path=embedded:tasks",
+            "zeroshot.limit=12"]
+
+
 @pytest.mark.parametrize("stage", [1, 3])
 def test_zero_stage_trains_with_falling_loss(inputs, tmp_path, stage):
-    run_cpt(inputs, tmp_path / "run", f"zero_stage={stage}", "checkpoint.every_steps=0")
+    """ZeRO-3 also runs lm-eval zero-shot inside training: parameters are sharded, nothing may hang."""
+    run_cpt(inputs, tmp_path / "run", f"zero_stage={stage}", "checkpoint.every_steps=0",
+            *(ZEROSHOT if stage == 3 else []))
     assert_learns(tmp_path / "run")
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "exports" / tag_for(STEPS)).num_parameters() > 0
+    if stage == 3:
+        zeroshot = {r["step"]: r for r in records(tmp_path / "run") if "zeroshot.average" in r}
+        assert sorted(zeroshot) == [0, 5, STEPS]
+        for row in zeroshot.values():
+            assert 0 <= row["zeroshot.wiki_cloze"] <= 1 and row["time.zeroshot_s"] > 0
 
 
 def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
