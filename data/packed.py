@@ -22,7 +22,7 @@ builds a block-diagonal causal mask (sdpa/eager on CPU) or uses flash-attention'
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -59,6 +59,10 @@ class PackedSequences(Dataset):
 
     def __len__(self) -> int:
         return self.num_sequences
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest.fingerprint
 
     def _open(self) -> None:
         """Memory-map the shards lazily, in the process (loader worker) that reads them."""
@@ -155,11 +159,16 @@ def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 
 
 class PackedLoader:
-    """This rank's endless stream of micro-batches, with a tiny resumable state."""
+    """This rank's endless stream of micro-batches, with a tiny resumable state.
 
-    def __init__(self, dataset: PackedSequences, global_batch: int, micro_batch: int, world_size: int = 1,
-                 rank: int = 0, seed: int = 0, num_workers: int = 0, consumed_samples: int = 0):
-        self.dataset = dataset
+    Any map-style dataset with a `fingerprint` works (Alpaca examples for LoRA too); `collate_fn`
+    turns a micro-batch of its items into tensors.
+    """
+
+    def __init__(self, dataset: Dataset, global_batch: int, micro_batch: int, world_size: int = 1,
+                 rank: int = 0, seed: int = 0, num_workers: int = 0, consumed_samples: int = 0,
+                 collate_fn: Callable[[list[dict]], dict[str, torch.Tensor]] = collate):
+        self.dataset, self.collate_fn = dataset, collate_fn
         self.global_batch, self.micro_batch = global_batch, micro_batch
         self.world_size, self.rank, self.seed, self.num_workers = world_size, rank, seed, num_workers
         self.accumulation = check_batch_layout(global_batch, micro_batch, world_size, consumed_samples)
@@ -167,12 +176,12 @@ class PackedLoader:
 
     def state_dict(self) -> dict:
         return asdict(LoaderState(self.seed, self.consumed_samples, self.global_batch,
-                                  self.dataset.manifest.fingerprint, self.consumed_samples // len(self.dataset)))
+                                  self.dataset.fingerprint, self.consumed_samples // len(self.dataset)))
 
     def load_state_dict(self, state: dict) -> None:
-        if state["fingerprint"] != self.dataset.manifest.fingerprint:
-            raise DataMismatchError("the checkpoint's data position belongs to other token data (manifest "
-                                    "fingerprint differs): resume with the data the run started with")
+        if state["fingerprint"] != self.dataset.fingerprint:
+            raise DataMismatchError("the checkpoint's data position belongs to other data (fingerprint "
+                                    "differs): resume with the data the run started with")
         if state["global_batch"] != self.global_batch:
             raise DataMismatchError(f"the checkpoint was trained with global batch {state['global_batch']}, "
                                     f"not {self.global_batch}: keep the global batch to resume exactly")
@@ -182,8 +191,11 @@ class PackedLoader:
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         sampler = GlobalBatchSampler(len(self.dataset), self.global_batch, self.micro_batch, self.world_size,
                                      self.rank, self.seed, self.consumed_samples)
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=collate,
-                            num_workers=self.num_workers, persistent_workers=False)
+        # its own generator: a DataLoader draws a seed from torch's global RNG on every iter(), which
+        # would shift the dropout stream of a resumed run against an uninterrupted one
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                            num_workers=self.num_workers, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.seed))
         micro = 0
         for batch in loader:
             micro += 1

@@ -45,9 +45,9 @@ def main(argv: list[str]) -> int:
     world = prepare_environment()
     plan = plan_run(config, world)  # every cheap check, before any process group or model exists
     init_distributed()
-    from training.trainer import Trainer
+    from training.trainer import build_cpt_trainer
 
-    outcome = Trainer(config, plan, should_stop=lambda: bool(_stop_requested)).train()
+    outcome = build_cpt_trainer(config, plan, should_stop=lambda: bool(_stop_requested)).train()
     return PREEMPTED_EXIT_CODE if outcome == "preempted" else 0
 
 

@@ -24,6 +24,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -237,7 +238,7 @@ class SlurmCluster:
     real_memory_mb = 1024
 
     def __init__(self, root: str | os.PathLike | None = None, extra_config: Iterable[str] = (),
-                 start_timeout: float = 60.0, kill_wait: int = 5):
+                 start_timeout: float = 60.0, kill_wait: int = 5, cred_expire: int = 10):
         # Short base path: slurmd puts unix sockets (108-byte limit) in its spool dir.
         base = root if root is not None else ("/tmp" if os.path.isdir("/tmp") else None)
         self.dir = Path(tempfile.mkdtemp(prefix="slurm-", dir=base))
@@ -248,6 +249,7 @@ class SlurmCluster:
         self.extra_config = list(extra_config)
         self.start_timeout = start_timeout
         self.kill_wait = kill_wait
+        self.cred_expire = cred_expire
         self.ctld_port = self.slurmd_port = 0
         self.procs: dict[str, subprocess.Popen] = {}
         self.env = dict(os.environ, SLURM_CONF=str(self.conf_path), PATH=_search_path())
@@ -269,8 +271,10 @@ class SlurmCluster:
             "SlurmdUser=root",
             "AuthType=auth/none",
             "CredType=cred/none",
-            # A requeued job may start again once its credential expires: ~11 s instead of ~135 s.
-            "AuthInfo=cred_expire=10",
+            # A requeued job may start again once its job credential expires: cred_expire + ~1 s instead
+            # of ~135 s. 5 is the least Slurm takes (smaller: "invalid", back to 120); it is also how long
+            # a step launch may take, so the default stays at 10 for loaded 2-core machines.
+            f"AuthInfo=cred_expire={self.cred_expire}",
             "MpiDefault=none",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
@@ -375,7 +379,8 @@ class SlurmCluster:
             done = subprocess.run(["sinfo", "-h", "-n", self.node, "-o", "%T"], env=self.env,
                                   capture_output=True, text=True, timeout=30)
             state = done.stdout.strip()
-            if done.returncode == 0 and state.rstrip("*~#!%$@^-") in ("idle", "mixed", "allocated"):
+            # "idle*" would be a node not responding; ~#!%$@^- are power/drain/reboot suffixes.
+            if done.returncode == 0 and state.rstrip("~#!%$@^-") in ("idle", "mixed", "allocated"):
                 return
             time.sleep(0.2)
         raise SlurmError(f"node {self.node} not idle after {self.start_timeout:.0f} s "
@@ -391,16 +396,15 @@ class SlurmCluster:
                     parts.append(f"--- {path} (last {lines} lines)\n{_tail(text, lines)}")
         return "\n".join(parts) or f"(no daemon logs in {self.dir})"
 
-    def stop(self, keep: bool | None = None) -> None:
+    def stop(self, keep: bool = False) -> None:
         """Cancel the jobs, stop the daemons and every process of this cluster's jobs, then delete the
-        temp dir unless ``keep`` (default: keep it when something failed, or SLURM_TEST_KEEP=1)."""
+        temp dir unless ``keep``, SLURM_TEST_KEEP=1 or something of the cluster's own failed."""
         if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
             with contextlib.suppress(Exception):
                 self._cancel_all()
         self._stop_processes()
-        if keep is None:
-            keep = self.failed
-        if keep or os.environ.get("SLURM_TEST_KEEP") == "1":
+        if keep or self.failed or os.environ.get("SLURM_TEST_KEEP") == "1":
+            warnings.warn(f"Slurm test cluster files kept for inspection in {self.dir}", stacklevel=2)
             return
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -520,6 +524,7 @@ class SlurmCluster:
                 return state
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
+                    self.failed = True
                     raise SlurmError(f"{name} died (exit {proc.returncode}) while job {job_id} was {state}\n"
                                      f"{self.logs()}")
             if time.monotonic() > deadline:

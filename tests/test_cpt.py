@@ -224,7 +224,7 @@ def test_exported_checkpoint_has_the_engines_logits_and_offline_export_matches(i
     from training.config import CPTConfig
     from training.distributed import init_distributed, prepare_environment
     from training.preflight import plan_run
-    from training.trainer import Trainer
+    from training.trainer import build_cpt_trainer
 
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}.items():
@@ -234,7 +234,7 @@ def test_exported_checkpoint_has_the_engines_logits_and_offline_export_matches(i
                                            f"output_dir={run_dir}", *COMMON, "train_steps=3"])
     plan = plan_run(config, prepare_environment())
     init_distributed()
-    trainer = Trainer(config, plan, should_stop=lambda: False)
+    trainer = build_cpt_trainer(config, plan, should_stop=lambda: False)
     try:
         assert trainer.train() == "completed"
     finally:

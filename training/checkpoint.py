@@ -112,15 +112,16 @@ class CheckpointStore:
             shutil.rmtree(path, ignore_errors=True)
         return [p.name for p in partial]
 
-    def save(self, engine, step: int, client_state: dict, metadata: dict) -> Path:
-        """Collective: every rank calls it at the same step. Returns the committed path."""
+    def save(self, engine, step: int, client_state: dict, metadata: dict, exclude_frozen: bool = False) -> Path:
+        """Collective: every rank calls it at the same step. Returns the committed path.
+        `exclude_frozen` leaves parameters without gradients (a LoRA run's base model) out."""
         tag = tag_for(step)
         final = self.directory / tag
         if final.is_dir():  # already committed at this step (e.g. a periodic save, then a stop)
             return final
         tmp_tag = TMP_PREFIX + tag
         engine.save_checkpoint(str(self.directory), tag=tmp_tag, client_state={**client_state, **UNIVERSAL_INFO},
-                               save_latest=False)
+                               save_latest=False, exclude_frozen_parameters=exclude_frozen)
         rng_dir = self.directory / tmp_tag / "rng"
         rng_dir.mkdir(parents=True, exist_ok=True)
         torch.save(capture_rng(), rng_dir / f"rank_{self.rank:05d}.pt")

@@ -1,9 +1,12 @@
 """Typed configuration of continued pretraining (see configs/cpt/).
 
-The defaults are the paper's CPT recipe (Kim et al. 2024, appendix E): AdamW betas (0.9, 0.95),
+`CPTConfig` and `LoRAConfig` share `TrainingConfig` (batch layout, ZeRO, optimizer, schedule,
+checkpoints, logging). The CPT defaults are the paper's recipe (Kim et al. 2024, appendix E): AdamW betas (0.9, 0.95),
 weight decay 0.1, lr 1e-4, global batch 512 sequences of 2048 tokens, micro-batch 2, gradient
 clipping 1.0. The paper states no learning-rate schedule; ours is linear warmup over 1% of the
-steps, then cosine decay to 10% of the peak (`schedule.*`).
+steps, then cosine decay to 10% of the peak (`schedule.*`). The LoRA defaults are the paper's too (rank
+8, alpha 16, dropout 0.05 on every projection, lr 1e-4, batch 64, 2 epochs, cutoff 256, 100
+warm-up steps, 2,000 records held out).
 """
 
 from __future__ import annotations
@@ -160,12 +163,13 @@ class ZeroShotSection:
 
 
 @dataclass
-class CPTConfig:
+class TrainingConfig:
+    """What every DeepSpeed training stage (CPT, LoRA) shares: model, batch layout, ZeRO, optimizer,
+    schedule, checkpoints, logging. The stages add their data and length."""
+
     model: str = "outputs/pruned"
     output_dir: Path = Path("outputs/cpt")
-    data: DataSection = field(default_factory=DataSection)
     train_steps: int | None = None
-    train_tokens: int | None = None
     global_batch: int = 512
     micro_batch: int = 2
     zero_stage: Literal[1, 2, 3] = 2
@@ -176,16 +180,15 @@ class CPTConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
-    validation: ValidationSection = field(default_factory=ValidationSection)
-    zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
     resume: bool = True
+    seed: int = 1234
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     __field_docs__ = {
-        "model": "pruned Hugging Face checkpoint (path, hub name or embedded:smollm2-135m)",
+        "seed": "seeds new weights (LoRA adapters) and dropout; each rank's stream is seed + rank",
+        "model": "Hugging Face checkpoint to train (path, hub name or embedded:smollm2-135m)",
         "output_dir": "run directory: checkpoints/, tensorboard/, metrics.jsonl, exports/; rerun to resume",
-        "train_steps": "optimizer steps to train (set this or train_tokens)",
-        "train_tokens": "tokens to train on; steps = ceil(tokens / (global_batch x seq_len))",
+        "train_steps": "optimizer steps to train",
         "global_batch": "sequences per optimizer step = micro_batch x accumulation x data-parallel size",
         "micro_batch": "sequences per rank per forward/backward",
         "zero_stage": "DeepSpeed ZeRO stage: 1, 2 or 3",
@@ -196,19 +199,117 @@ class CPTConfig:
     }
 
     def validate(self) -> None:
-        if (self.train_steps is None) == (self.train_tokens is None):
-            raise ConfigError("set exactly one of train_steps or train_tokens (e.g. train_tokens=37e9 as the "
-                              "paper's 20%-pruned model, or train_steps=100)")
-        if (self.train_steps or 1) < 1 or (self.train_tokens or 1) < 1:
-            raise ConfigError("train_steps / train_tokens must be positive")
+        if self.train_steps is not None and self.train_steps < 1:
+            raise ConfigError("train_steps must be positive")
         if self.micro_batch < 1 or self.global_batch < 1:
             raise ConfigError("global_batch and micro_batch must be at least 1")
         if self.global_batch % self.micro_batch:
             raise ConfigError(f"global_batch {self.global_batch} is not a multiple of micro_batch "
                               f"{self.micro_batch}: global = micro x accumulation x data-parallel size")
 
+
+@dataclass
+class CPTConfig(TrainingConfig):
+    data: DataSection = field(default_factory=DataSection)
+    train_tokens: int | None = None
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
+
+    __field_docs__ = {
+        **TrainingConfig.__field_docs__,
+        "model": "pruned Hugging Face checkpoint (path, hub name or embedded:smollm2-135m)",
+        "train_steps": "optimizer steps to train (set this or train_tokens)",
+        "train_tokens": "tokens to train on; steps = ceil(tokens / (global_batch x seq_len))",
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if (self.train_steps is None) == (self.train_tokens is None):
+            raise ConfigError("set exactly one of train_steps or train_tokens (e.g. train_tokens=37e9 as the "
+                              "paper's 20%-pruned model, or train_steps=100)")
+        if (self.train_tokens or 1) < 1:
+            raise ConfigError("train_tokens must be positive")
+
     def total_steps(self) -> int:
         if self.train_steps is not None:
             return self.train_steps
         tokens_per_step = self.global_batch * self.data.seq_len
         return -(-int(self.train_tokens) // tokens_per_step)
+
+
+PAPER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class AlpacaSection:
+    source: str = "yahma/alpaca-cleaned"
+    split: str = "train"
+    val_size: int = 2000
+    seed: int = 42
+    cutoff_len: int = 256
+    train_on_inputs: bool = False
+
+    __field_docs__ = {
+        "source": "Alpaca records: a local .json/.jsonl file, embedded:alpaca_en_demo.json, or a HF dataset name",
+        "val_size": "records held out (seeded) for the validation loss; the paper's 2,000",
+        "cutoff_len": "prompt + response tokens kept per example",
+        "train_on_inputs": "also train on the prompt tokens (default: loss on the response only)",
+    }
+
+    def validate(self) -> None:
+        if self.val_size < 1 or self.cutoff_len < 8:
+            raise ConfigError("data.val_size must be at least 1 and data.cutoff_len at least 8")
+
+
+@dataclass
+class LoraSection:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: list(PAPER_LORA_TARGETS))
+
+    __field_docs__ = {"target_modules": "module names to adapt (default: every projection, as the paper)"}
+
+    def validate(self) -> None:
+        if self.r < 1 or not 0 <= self.dropout < 1 or not self.target_modules:
+            raise ConfigError("lora.r must be >= 1, lora.dropout in [0, 1), lora.target_modules non-empty")
+
+
+def lora_optimizer() -> OptimizerSection:
+    """AdamW as the paper's LoRA runs (Hugging Face Trainer defaults): betas (0.9, 0.999), no decay."""
+    return OptimizerSection(lr=1e-4, betas=[0.9, 0.999], weight_decay=0.0)
+
+
+def lora_schedule() -> ScheduleSection:
+    """The paper's LoRA runs (LLM-Pruner's recipe): 100 warm-up steps, then linear decay to zero."""
+    return ScheduleSection(warmup_steps=100, decay="linear", min_lr_ratio=0.0)
+
+
+@dataclass
+class LoRAConfig(TrainingConfig):
+    output_dir: Path = Path("outputs/lora")
+    data: AlpacaSection = field(default_factory=AlpacaSection)
+    lora: LoraSection = field(default_factory=LoraSection)
+    epochs: float = 2.0
+    global_batch: int = 64
+    micro_batch: int = 4
+    optimizer: OptimizerSection = field(default_factory=lora_optimizer)
+    schedule: ScheduleSection = field(default_factory=lora_schedule)
+    validation: ValidationSection = field(default_factory=lambda: ValidationSection(every_steps=100, sequences=2000))
+
+    __field_docs__ = {
+        **TrainingConfig.__field_docs__,
+        "model": "checkpoint to adapt: a pruned model, a CPT export (path, hub name, embedded:smollm2-135m)",
+        "output_dir": "run directory: checkpoints/, metrics.jsonl, tensorboard/, adapter/, merged/",
+        "train_steps": "optimizer steps (default: epochs over the training records)",
+        "epochs": "passes over the training records (the paper: 2)",
+        "global_batch": "examples per optimizer step (the paper: 64)",
+    }
+
+    def validate(self) -> None:
+        super().validate()
+        if self.epochs <= 0:
+            raise ConfigError("epochs must be positive")
+        if self.zero_stage == 3:
+            raise ConfigError("LoRA runs with zero_stage 1 or 2: the adapters are small, and merging them needs "
+                              "the whole base weights on one rank")

@@ -23,7 +23,8 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             continue
         ndim = len(getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions keep the full shape here
         (decay if ndim >= 2 else exempt).append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": exempt, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]  # ZeRO drops empty groups, which would desync the scheduler
 
 
 def build_optimizer(model: nn.Module, config: OptimizerSection, fused: bool) -> torch.optim.Optimizer:

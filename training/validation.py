@@ -1,6 +1,6 @@
 """Held-out loss on the data's validation split, a periodic evaluation of the trainer.
 
-The first `sequences` validation sequences (rounded down to a multiple of the world size) are
+The first `sequences` validation sequences (or examples) (rounded down to a multiple of the world size) are
 split evenly across ranks, so every rank runs the same number of forward passes (ZeRO-3 gathers
 parameters collectively and would hang otherwise). The loss is averaged per predicted token over
 all ranks, not per batch.
@@ -9,20 +9,23 @@ all ranks, not per batch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
+from torch.utils.data import Dataset
 
-from data.packed import IGNORE_INDEX, PackedSequences, collate
+from data.packed import IGNORE_INDEX, collate
 from training.distributed import WorldInfo, all_sum
 
 
 class ValidationLoss:
     name = "validation"
 
-    def __init__(self, dataset: PackedSequences, sequences: int, micro_batch: int, world: WorldInfo, every: int):
+    def __init__(self, dataset: Dataset, sequences: int, micro_batch: int, world: WorldInfo, every: int,
+                 collate_fn: Callable[[list], dict[str, torch.Tensor]] = collate):
         self.every = every
         per_rank = min(sequences, len(dataset)) // world.world_size
-        self.dataset, self.micro_batch = dataset, micro_batch
+        self.dataset, self.micro_batch, self.collate_fn = dataset, micro_batch, collate_fn
         self.indices = list(range(world.rank * per_rank, (world.rank + 1) * per_rank))
 
     @torch.no_grad()
@@ -30,11 +33,11 @@ class ValidationLoss:
         engine.eval()
         nll, tokens = 0.0, 0
         for start in range(0, len(self.indices), self.micro_batch):
-            batch = collate([self.dataset[i] for i in self.indices[start:start + self.micro_batch]])
+            batch = self.collate_fn([self.dataset[i] for i in self.indices[start:start + self.micro_batch]])
             batch = {k: v.to(engine.device) for k, v in batch.items()}
             loss = engine(**batch, use_cache=False).loss
             count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            nll += float(loss) * count
+            nll += float(loss) * count if count else 0.0
             tokens += count
         engine.train()
         nll, tokens = all_sum([nll, tokens], engine.device)

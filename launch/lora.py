@@ -1,0 +1,45 @@
+"""LoRA on Alpaca (the paper's recipe by default) after pruning or continued pretraining.
+
+  python launch/lora.py --config configs/lora/paper.yaml model=outputs/cpt/x/exports/step_N
+  deepspeed --num_gpus 8 launch/lora.py --config ...      # data-parallel, same global batch of 64
+
+Writes <output_dir>/adapter (PEFT format) and <output_dir>/merged (a plain Hugging Face checkpoint)
+when training completes. Rerun with the same output_dir to resume from the latest committed
+checkpoint. SIGUSR1/SIGTERM: checkpoint, then exit code 75; 2 = bad config or data.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+_stop_requested: list[int] = []
+
+
+def _request_stop(signum: int, frame) -> None:
+    _stop_requested.append(signum)
+
+
+for _signal in (signal.SIGUSR1, signal.SIGTERM):  # before the heavy imports, as in launch/cpt.py
+    signal.signal(_signal, _request_stop)
+
+from data.cli import cli_config, run_main  # noqa: E402
+from training.config import LoRAConfig  # noqa: E402
+from training.distributed import init_distributed, prepare_environment  # noqa: E402
+
+PREEMPTED_EXIT_CODE = 75
+
+
+def main(argv: list[str]) -> int:
+    config = cli_config(LoRAConfig, __doc__, argv)
+    world = prepare_environment()
+    from training.lora import build_lora_trainer, plan_lora
+
+    plan = plan_lora(config, world)
+    init_distributed()
+    outcome = build_lora_trainer(config, plan, should_stop=lambda: bool(_stop_requested)).train()
+    return PREEMPTED_EXIT_CODE if outcome == "preempted" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, sys.argv[1:]))

@@ -1,0 +1,139 @@
+"""LoRA on Alpaca: the real SmolLM2 and the embedded Alpaca sample, through DeepSpeed (world size 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from data.alpaca import PROMPT_NO_INPUT, AlpacaDataError, load_alpaca, prompt_for, tokenize_example
+from data.config import load_config
+from data.embedded import text_path
+from data.packed import IGNORE_INDEX
+from training.config import LoRAConfig
+
+RUN = ["model=embedded:smollm2-135m", "data.source=embedded:alpaca_en_demo.json", "data.val_size=16",
+       "data.cutoff_len=96", "train_steps=4", "global_batch=4", "micro_batch=2", "optimizer.lr=1e-3",
+       "schedule.warmup_steps=0", "validation.every_steps=4", "validation.sequences=16",
+       "checkpoint.every_steps=2", "checkpoint.every_minutes=0"]
+
+
+@pytest.fixture(scope="module")
+def distributed():
+    """DeepSpeed as one process, the way `python launch/lora.py` runs on one GPU."""
+    from training.distributed import init_distributed, prepare_environment
+
+    saved = dict(os.environ)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
+    world = prepare_environment()
+    init_distributed()
+    yield world
+    torch.distributed.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def run_lora(world, output_dir, stop_after: int | None = None) -> str:
+    from training.lora import build_lora_trainer, plan_lora
+
+    config = load_config(LoRAConfig, None, [*RUN, f"output_dir={output_dir}"])
+    trainer = build_lora_trainer(config, plan_lora(config, world),
+                                 should_stop=lambda: stop_after is not None and trainer.step >= stop_after)
+    return trainer.train()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(distributed, tmp_path_factory):
+    output = tmp_path_factory.mktemp("lora") / "run"
+    assert run_lora(distributed, output) == "completed"
+    return output
+
+
+def records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loss_falls_and_outputs_are_standard(uninterrupted):
+    val = {r["step"]: r["val.loss"] for r in records(uninterrupted) if "val.loss" in r}
+    assert val[4] < val[0] - 0.05, val
+    config = json.loads((uninterrupted / "adapter" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.05)
+    assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                             "down_proj"}
+    report = json.loads((uninterrupted / "data_report.json").read_text())
+    assert report["used"] == 999 and report["validation"] == 16 and report["train"] == 983
+    checkpoint = next((uninterrupted / "checkpoints").glob("step_*"))
+    assert sum(f.stat().st_size for f in checkpoint.rglob("*")) < 200e6, "the frozen base stays out"
+
+
+def test_merged_model_equals_the_adapter_model(uninterrupted, smollm2_dir):
+    ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir)
+    adapted = PeftModel.from_pretrained(base, uninterrupted / "adapter").eval()
+    merged = AutoModelForCausalLM.from_pretrained(uninterrupted / "merged").eval()
+    with torch.no_grad():
+        expected, got = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
+    # merging adds B @ A into W once: equal up to fp32 rounding of that sum
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-3), float((got - expected).abs().max())
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    saved = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
+    reloaded = {k: v for k, v in adapted.state_dict().items() if "lora_" in k}
+    assert len(saved) == len(reloaded) > 0
+    for name, tensor in saved.items():  # the adapter reloads exactly
+        match = [v for k, v in reloaded.items() if k.replace(".default", "") == name]
+        assert len(match) == 1 and torch.equal(match[0], tensor), name
+
+
+def test_interrupted_run_resumes_to_the_same_adapter(distributed, uninterrupted, tmp_path):
+    output = tmp_path / "run"
+    assert run_lora(distributed, output, stop_after=2) == "preempted"
+    assert not (output / "adapter").exists()
+    assert run_lora(distributed, output) == "completed"
+    losses = {r["step"]: r["train.loss"] for r in records(output) if "train.loss" in r}
+    assert losses == {r["step"]: r["train.loss"] for r in records(uninterrupted) if "train.loss" in r}
+    resumed = load_file(output / "adapter" / "adapter_model.safetensors")
+    reference = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
+    for name in reference:  # dropout masks too: each rank's RNG state travels in the checkpoint
+        assert torch.equal(resumed[name], reference[name]), name
+
+
+def test_prompt_template_and_response_only_labels(tokenizer):
+    record = {"instruction": "Name a colour.", "input": "", "output": "Blue."}
+    assert prompt_for(record) == PROMPT_NO_INPUT.format(instruction="Name a colour.")
+    assert "### Input:\nsky" in prompt_for({**record, "input": "sky"})
+    example = tokenize_example(record, tokenizer, 256, train_on_inputs=False)
+    prompt_len = len(tokenizer(prompt_for(record))["input_ids"])
+    assert example["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
+    assert example["labels"][prompt_len:] == example["input_ids"][prompt_len:]
+    assert example["input_ids"][-1] == tokenizer.eos_token_id
+    assert tokenize_example(record, tokenizer, 256, train_on_inputs=True)["labels"] == example["input_ids"]
+    assert len(tokenize_example(record, tokenizer, 16, train_on_inputs=False)["input_ids"]) == 16
+
+
+def test_bad_data_files_are_reported(tmp_path):
+    with pytest.raises(AlpacaDataError, match="does not exist.*yahma/alpaca-cleaned"):
+        load_alpaca(str(tmp_path / "missing.json"))
+    (tmp_path / "broken.json").write_text('[{"instruction": "a", ')
+    with pytest.raises(AlpacaDataError, match="is not valid JSON"):
+        load_alpaca(str(tmp_path / "broken.json"))
+    (tmp_path / "empty.json").write_text(json.dumps([{"instruction": "a"}, {"output": "b"}]))
+    with pytest.raises(AlpacaDataError, match="no usable Alpaca record"):
+        load_alpaca(str(tmp_path / "empty.json"))
+    records = json.loads(text_path("alpaca_en_demo.json").read_text())[:10]
+    records[3].pop("output")
+    records[5]["instruction"] = ""
+    lines = [json.dumps(r) for r in records] + ['"not a record"']
+    (tmp_path / "mixed.jsonl").write_text("\n".join(lines))
+    loaded = load_alpaca(str(tmp_path / "mixed.jsonl"))
+    assert len(loaded.records) == 8
+    assert dict(loaded.skipped) == {"missing_output": 1, "missing_instruction": 1, "not_a_record": 1}

@@ -1,0 +1,110 @@
+"""LoRA on Alpaca after pruning or continued pretraining, on the same Trainer as CPT.
+
+  plan_lora(config, world) -> RunPlan            cheap checks, before any process group exists
+  build_lora_trainer(config, plan, should_stop)  PEFT model, Alpaca loader, validation, exporter
+
+The base model is frozen and PEFT's LoRA adapters are trained through DeepSpeed (world size 1 on
+one GPU, or several processes under `deepspeed`). Checkpoints hold the adapters, optimizer and
+data position but not the frozen base. At the end: `adapter/` (standard PEFT format, loads with
+`PeftModel.from_pretrained`) and `merged/` (adapters folded into the weights: a plain Hugging Face
+checkpoint), plus `data_report.json` with the records used and skipped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+
+from data.alpaca import AlpacaExamples, load_alpaca, pad_collate, split_validation
+from data.artifacts import atomic_directory, library_versions, write_json_atomic
+from data.config import ConfigError
+from data.packed import PackedLoader
+from training.config import LoRAConfig
+from training.distributed import WorldInfo, barrier
+from training.export import DTYPES
+from training.preflight import (
+    RunPlan,
+    check_model_path,
+    checkpoint_store,
+    load_tokenizer,
+    model_fingerprint,
+    plan_training,
+)
+from training.trainer import Trainer, load_model, prepare_run_dir
+from training.validation import ValidationLoss
+
+
+def plan_lora(config: LoRAConfig, world: WorldInfo) -> RunPlan:
+    model_path = check_model_path(config.model)
+    load_tokenizer(model_path)
+    alpaca = load_alpaca(config.data.source, config.data.split)
+    train, _ = split_validation(alpaca.records, config.data.val_size, config.data.seed)
+    total_steps = config.train_steps or math.ceil(config.epochs * len(train) / config.global_batch)
+    if config.validation.every_steps and min(config.validation.sequences, config.data.val_size) < world.world_size:
+        raise ConfigError(f"validation needs at least one example per rank ({world.world_size}): raise "
+                          "data.val_size / validation.sequences or set validation.every_steps=0")
+    return plan_training(config, world, model_path, {"data": alpaca.digest, "model": model_fingerprint(model_path)},
+                         total_steps, config.data.cutoff_len,
+                         {"global_batch": config.global_batch, "data.val_size": config.data.val_size,
+                          "data.seed": config.data.seed, "data.cutoff_len": config.data.cutoff_len,
+                          "data.train_on_inputs": config.data.train_on_inputs, "lora.r": config.lora.r})
+
+def build_lora_trainer(config: LoRAConfig, plan: RunPlan, should_stop: Callable[[], bool]) -> Trainer:
+    rank = plan.world.rank
+    tokenizer = load_tokenizer(plan.model_path)
+    alpaca = load_alpaca(config.data.source, config.data.split)
+    train, held_out = split_validation(alpaca.records, config.data.val_size, config.data.seed)
+    prepare_run_dir(config, checkpoint_store(config, rank), rank)
+    base = load_model(config, plan, {})
+    model = get_peft_model(base, PeftLoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,
+                                                lora_dropout=config.lora.dropout, bias="none",
+                                                target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
+    if config.activation_checkpointing:
+        model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = pad_collate(pad_id)
+    options = (tokenizer, config.data.cutoff_len, config.data.train_on_inputs)
+    examples = AlpacaExamples(train, *options)
+    if rank == 0:
+        write_json_atomic(config.output_dir / "data_report.json", {
+            "source": config.data.source, "records": len(alpaca.records) + sum(alpaca.skipped.values()),
+            "used": len(alpaca.records), "skipped": dict(alpaca.skipped), "train": len(train),
+            "validation": len(held_out), "train_prompt_fills_cutoff": examples.truncated_away})
+        if alpaca.skipped or examples.truncated_away:
+            print(f"Alpaca records skipped: {dict(alpaca.skipped)}; {examples.truncated_away} training records "
+                  f"have a prompt of {config.data.cutoff_len}+ tokens and no response left (raise data.cutoff_len)"
+                  f" -- see {config.output_dir / 'data_report.json'}")
+    loader = PackedLoader(examples, config.global_batch, config.micro_batch, plan.world.world_size, rank,
+                          config.data.seed, 0, collate_fn=collate)
+    evaluations = []
+    if config.validation.every_steps:
+        evaluations.append(ValidationLoss(AlpacaExamples(held_out, *options), config.validation.sequences,
+                                          config.micro_batch, plan.world, config.validation.every_steps, collate))
+
+    def export(trainer: Trainer) -> Path:
+        if rank == 0:
+            save_adapter_and_merged(trainer.engine.module, tokenizer, config.output_dir, DTYPES[plan.precision],
+                                    {"step": trainer.step, "fingerprints": plan.fingerprints})
+        barrier()
+        return config.output_dir / "merged"
+
+    return Trainer(config, plan, model, loader, should_stop, evaluations, export)
+
+
+def save_adapter_and_merged(model, tokenizer, output_dir: Path, dtype: torch.dtype, info: dict) -> None:
+    """adapter/ in PEFT's format, then merged/: the adapters folded into a plain checkpoint."""
+    with atomic_directory(output_dir / "adapter", overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    merged = model.merge_and_unload()
+    merged.config.dtype = dtype
+    with atomic_directory(output_dir / "merged", overwrite=True) as tmp:
+        merged.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / "export_info.json", {**info, "versions": library_versions(),
+                                                     "dtype": str(dtype).removeprefix("torch.")})
