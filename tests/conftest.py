@@ -14,6 +14,7 @@ import pytest  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
 from data.embedded import smollm2_path, text_path  # noqa: E402
+from tests.slurm_cluster import SlurmCluster, ensure_slurm_installed  # noqa: E402
 from tests.tiny_models import ARCHITECTURES, make_tiny_model  # noqa: E402
 
 
@@ -57,3 +58,39 @@ def calibration(tokenizer, books_path):
     from pruning.calibration import sample_calibration
 
     return sample_calibration(load_documents(str(books_path)), tokenizer, 4, 32, seed=1234)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(request):
+    """A real Slurm cluster on loopback for the whole session (installed with apt on first use when we
+    are root); the test is skipped when Slurm is not here and cannot be installed."""
+    reason = ensure_slurm_installed()
+    if reason is not None:
+        pytest.skip(reason)
+    cluster = SlurmCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop(keep=request.session.testsfailed > 0)
+
+
+@pytest.fixture(scope="session")
+def cpt_inputs(tmp_path_factory, tokenizer):
+    """A tiny Llama with SmolLM2's tokenizer (tied embeddings, as SmolLM2) and real C4 text shards."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from data.config import load_config
+    from data.prepare import PrepareConfig, prepare
+
+    root = tmp_path_factory.mktemp("cpt")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    prepare(load_config(PrepareConfig, None, ["inputs=[embedded:c4_demo.jsonl]", f"output_dir={root / 'tokens'}",
+                                              f"tokenizer={root / 'model'}", "validation_fraction=0.1"]))
+    return {"model": root / "model", "tokens": root / "tokens", "root": root}

@@ -16,10 +16,9 @@ import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.config import load_config
-from data.prepare import PrepareConfig, prepare
 from training.checkpoint import CheckpointStore, tag_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,18 +31,8 @@ PREEMPTED = 75
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tokenizer):
-    """A tiny Llama with SmolLM2's tokenizer (tied embeddings, as SmolLM2) and real C4 text shards."""
-    root = tmp_path_factory.mktemp("cpt")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    prepare(load_config(PrepareConfig, None, ["inputs=[embedded:c4_demo.jsonl]", f"output_dir={root / 'tokens'}",
-                                              f"tokenizer={root / 'model'}", "validation_fraction=0.1"]))
-    return {"model": root / "model", "tokens": root / "tokens", "root": root}
+def inputs(cpt_inputs):
+    return cpt_inputs
 
 
 def free_port() -> int:

@@ -6,24 +6,7 @@ import time
 
 import pytest
 
-from tests.slurm_cluster import SlurmCluster, ensure_slurm_installed
-
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(request):
-    """A real Slurm cluster on loopback for the whole session (installed with apt on first use when we
-    are root); the test is skipped when Slurm is not here and cannot be installed."""
-    reason = ensure_slurm_installed()
-    if reason is not None:
-        pytest.skip(reason)
-    cluster = SlurmCluster()
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop(keep=request.session.testsfailed > 0)
 
 
 def _wait_for_text(path, text, timeout=60):

@@ -1,0 +1,202 @@
+"""Submit a stage to Slurm: write an sbatch script from launch/slurm/, show it, submit it.
+
+  python launch/submit.py cpt --config configs/cpt/vicuna7b_ppl_20.yaml --nodes 8 --gpus-per-node 8
+  python launch/submit.py prepare_data --config configs/data/slimpajama.yaml --array 64
+  python launch/submit.py eval --config configs/eval/paper.yaml --after 1234 model=...   # afterok:1234
+  python launch/submit.py cpt --config ... --dry-run                                     # show only
+
+Stages: prune, prepare_data, cpt, eval, lora; trailing key=value overrides go to the stage.
+cpt and lora jobs get --requeue, --signal=USR1@<signal-seconds> (to the tasks) and
+--open-mode=append: on the signal (or a preemption's SIGTERM) the ranks commit a checkpoint and
+exit 75, the job requeues itself, and the rerun resumes from the latest committed checkpoint.
+prepare_data with --array N runs N array tasks (shard_index = the task id) and a merge job
+after them. --parsable prints only the job id, for chaining (`--after $(... --parsable)`).
+Errors (no sbatch, a config the stage refuses, more GPUs than the partition has, a refused
+submission) exit with code 2 before or instead of submitting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from string import Template
+
+from data.cli import run_main
+from data.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATES = ROOT / "launch" / "slurm"
+PREEMPTED_EXIT_CODE = 75
+STAGES = {"prune": "prune.py", "prepare_data": "prepare_data.py", "cpt": "cpt.py", "eval": "eval.py",
+          "lora": "lora.py"}
+REQUEUED_STAGES = ("cpt", "lora")
+
+
+class SubmitError(ValueError):
+    """The job cannot be submitted as asked."""
+
+
+def stage_config(stage: str, config: Path, overrides: list[str]):
+    """Load the stage's own config now, so a bad recipe fails here rather than in the queue."""
+    if stage == "prune":
+        from pruning.config import PruneConfig as cls
+    elif stage == "prepare_data":
+        from data.prepare import PrepareConfig as cls
+    elif stage == "cpt":
+        from training.config import CPTConfig as cls
+    elif stage == "lora":
+        from training.config import LoRAConfig as cls
+    else:
+        from training.evaluate import EvalConfig as cls
+    return load_config(cls, config, overrides)
+
+
+def check_world(stage: str, config, world_size: int) -> None:
+    if stage in REQUEUED_STAGES and config.global_batch % (config.micro_batch * world_size):
+        raise SubmitError(f"global_batch {config.global_batch} does not divide into micro_batch {config.micro_batch} "
+                          f"x {world_size} processes (nodes x tasks per node): change --nodes/--gpus-per-node or "
+                          "global_batch")
+
+
+def partition_gpus(partition: str | None) -> int:
+    """GPUs per node of the partition (the smallest over its nodes), from sinfo's GRES column."""
+    args = ["sinfo", "-h", "-o", "%P %G"] + (["-p", partition] if partition else [])
+    result = subprocess.run(args, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SubmitError(f"sinfo failed: {result.stderr.strip()}")
+    rows = [line.split(maxsplit=1) for line in result.stdout.splitlines() if line.strip()]
+    if partition is None:
+        rows = [r for r in rows if r[0].endswith("*")] or rows  # the default partition
+    if not rows:
+        raise SubmitError(f"partition {partition!r} not found by sinfo: pick one of `sinfo -s` with --partition")
+    counts = []
+    for _, gres in rows:
+        found = re.findall(r"gpu(?::[^:,()]+)?:(\d+)", gres)
+        counts.append(sum(map(int, found)) if found else 0)
+    return min(counts)
+
+
+def stage_command(stage: str, config: Path, overrides: list[str], extra: list[str] = ()) -> str:
+    return " ".join(shlex.quote(a) for a in [sys.executable, f"launch/{STAGES[stage]}", "--config", str(config),
+                                             *overrides, *extra])
+
+
+def render(stage: str, args: argparse.Namespace, body: str, job_name: str, directives: list[str]) -> str:
+    template = Template((TEMPLATES / "job.sbatch").read_text())
+    return template.substitute(
+        stage=stage, config=args.config, job_name=job_name, nodes=args.nodes, tasks_per_node=args.tasks_per_node,
+        cpus_per_task=args.cpus_per_task, time=args.time, log_dir=args.log_dir.resolve(),
+        directives="\n".join(f"#SBATCH {d}" for d in directives), workdir=shlex.quote(str(ROOT)),
+        omp_threads=args.cpus_per_task, body=body,
+        environment="\n".join(f"export {e}" for e in args.env))
+
+
+def common_directives(args: argparse.Namespace) -> list[str]:
+    directives = []
+    if args.gpus_per_node:
+        directives.append(f"--gpus-per-node={args.gpus_per_node}")
+    for flag in ("partition", "account", "qos"):
+        if getattr(args, flag):
+            directives.append(f"--{flag}={getattr(args, flag)}")
+    if args.after:
+        directives.append(f"--dependency=afterok:{args.after.replace(',', ':')}")
+    return directives + list(args.sbatch_arg)
+
+
+def scripts_for(stage: str, args: argparse.Namespace, overrides: list[str]) -> list[tuple[str, str]]:
+    """(job name, script) pairs in submission order; a later one depends on the one before it."""
+    name = f"shorten-{stage}-{args.config.stem}"
+    directives = common_directives(args)
+    if stage in REQUEUED_STAGES:
+        body = Template((TEMPLATES / "requeue_on_stop.sh").read_text()).substitute(
+            command=stage_command(stage, args.config, overrides))
+        directives += ["--requeue", f"--signal=USR1@{args.signal_seconds}"]
+        return [(name, render(stage, args, body, name, directives))]
+    if stage == "prepare_data" and args.array:
+        shard = ["shard_index=$SLURM_ARRAY_TASK_ID", f"num_shards={args.array}"]
+        part_body = f"srun {stage_command(stage, args.config, overrides)} {' '.join(shard)}"
+        merge_body = f"srun {stage_command(stage, args.config, overrides, ['merge=true', f'num_shards={args.array}'])}"
+        return [(name, render(stage, args, part_body, name, directives + [f"--array=0-{args.array - 1}"])),
+                (f"{name}-merge", render(stage, args, merge_body, f"{name}-merge", directives))]
+    return [(name, render(stage, args, f"srun {stage_command(stage, args.config, overrides)}", name, directives))]
+
+
+def submit(script: Path, after: str | None) -> str:
+    command = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{after}"] if after else []) + [str(script)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SubmitError(f"Slurm refused {script}: {result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout.strip().split(";")[0]
+
+
+def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--config", type=Path, required=True, help="the stage's YAML recipe")
+    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (0 on CPU partitions)")
+    parser.add_argument("--tasks-per-node", type=int, default=None,
+                        help="processes per node (default: one per GPU for cpt/lora, else 1)")
+    parser.add_argument("--cpus-per-task", type=int, default=8)
+    parser.add_argument("--time", default="2-00:00:00", help="time limit per run (the job requeues itself)")
+    parser.add_argument("--partition")
+    parser.add_argument("--account")
+    parser.add_argument("--qos")
+    parser.add_argument("--signal-seconds", type=int, default=300,
+                        help="USR1 this long before the time limit: enough to commit a checkpoint")
+    parser.add_argument("--array", type=int, default=0, help="prepare_data: number of array tasks (shards)")
+    parser.add_argument("--after", help="job id(s), comma-separated: start after they succeed")
+    parser.add_argument("--env", action="append", default=[], help="NAME=value exported in the job")
+    parser.add_argument("--sbatch-arg", action="append", default=[], help="extra #SBATCH line, e.g. --exclusive")
+    parser.add_argument("--log-dir", type=Path, default=Path("outputs/slurm"))
+    parser.add_argument("--dry-run", action="store_true", help="write and show the script, do not submit")
+    parser.add_argument("--parsable", action="store_true", help="print only the job id(s)")
+    args, overrides = parser.parse_known_args(argv)
+    unknown = [o for o in overrides if "=" not in o]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.tasks_per_node is None:
+        args.tasks_per_node = max(1, args.gpus_per_node) if args.stage in REQUEUED_STAGES else 1
+    return args, overrides
+
+
+def main(argv: list[str]) -> int:
+    args, overrides = parse(argv)
+    config = stage_config(args.stage, args.config, overrides)
+    check_world(args.stage, config, args.nodes * args.tasks_per_node)
+    if not args.dry_run:
+        if shutil.which("sbatch") is None:
+            raise SubmitError("sbatch not found on PATH: run on a Slurm login node, or use --dry-run to only "
+                              "write the script")
+        available = partition_gpus(args.partition)
+        if args.gpus_per_node > available:
+            raise SubmitError(f"--gpus-per-node {args.gpus_per_node} but partition "
+                              f"{args.partition or '(default)'} has {available} GPUs per node: lower it or pick "
+                              "another --partition")
+    args.log_dir.mkdir(parents=True, exist_ok=True)
+    previous: str | None = None  # the first job's own dependency (--after) is in its script
+    job_ids = []
+    for name, script in scripts_for(args.stage, args, overrides):
+        path = args.log_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+        path.write_text(script)
+        if not args.parsable:
+            print(f"--- {path}\n{script}")
+        if args.dry_run:
+            continue
+        previous = submit(path, previous)
+        job_ids.append(previous)
+        if not args.parsable:
+            print(f"submitted {name}: job {previous} (log {args.log_dir.resolve()}/{name}-{previous}.out)")
+    if args.parsable:
+        print(",".join(job_ids))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main, sys.argv[1:]))

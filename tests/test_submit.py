@@ -1,0 +1,158 @@
+"""launch/submit.py against a real Slurm cluster on loopback (tests/slurm_cluster.py): CPU training
+jobs with 2 tasks, requeue and USR1 mid-run with exact resumption, an array tokenization job."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from data.config import load_config
+from data.prepare import PrepareConfig, prepare
+from data.text import load_documents
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBMIT = [sys.executable, str(ROOT / "launch" / "submit.py")]
+CPU_JOB = ["--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
+           "--time", "10:00", "--signal-seconds", "60"]
+STEPS = 24
+
+
+def cpt_recipe(cpt_inputs, path: Path, run_dir: Path) -> Path:
+    recipe = {"model": str(cpt_inputs["model"]), "output_dir": str(run_dir), "train_steps": STEPS,
+              "global_batch": 8, "micro_batch": 2, "data": {"path": str(cpt_inputs["tokens"]), "seq_len": 64,
+                                                            "num_workers": 0},
+              "optimizer": {"lr": 3e-3}, "checkpoint": {"every_steps": 3, "every_minutes": 0},
+              "validation": {"every_steps": 0}, "logging": {"tensorboard": False}}
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def submit(args: list[str], env: dict, expect: int = 0) -> subprocess.CompletedProcess:
+    result = subprocess.run(SUBMIT + args, capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert result.returncode == expect, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+def job_env(cluster) -> dict:
+    return {**cluster.env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def test_dry_run_writes_a_requeueing_script(cpt_inputs, tmp_path):
+    recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
+    result = submit(["cpt", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "8", "--dry-run",
+                     "--log-dir", str(tmp_path / "logs"), "global_batch=64"], dict(os.environ))
+    script = next((tmp_path / "logs").glob("*.sbatch")).read_text()
+    assert script in result.stdout
+    for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
+                 "#SBATCH --requeue", "#SBATCH --signal=USR1@300", "#SBATCH --open-mode=append"):
+        assert line in script.splitlines(), line
+    assert "srun --wait=120" in script and "global_batch=64" in script
+    assert 'if [ "$rc" -eq 75 ]' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    bad = submit(["cpt", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "8", "--dry-run"],
+                 dict(os.environ), expect=2)
+    assert "global_batch 8 does not divide into micro_batch 2 x 16 processes" in bad.stderr
+
+
+def test_missing_sbatch_is_a_clear_error(cpt_inputs, tmp_path):
+    recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
+    result = submit(["cpt", "--config", str(recipe), *CPU_JOB], {**os.environ, "PATH": str(tmp_path)}, expect=2)
+    assert result.stderr.startswith("error: sbatch not found on PATH")
+
+
+def test_too_many_gpus_and_a_refused_submission(slurm_cluster, cpt_inputs, tmp_path):
+    recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
+    env = job_env(slurm_cluster)
+    result = submit(["cpt", "--config", str(recipe), "--gpus-per-node", "2", "--tasks-per-node", "2"], env, expect=2)
+    assert "--gpus-per-node 2 but partition (default) has 0 GPUs per node" in result.stderr
+    result = submit(["cpt", "--config", str(recipe), *CPU_JOB, "--sbatch-arg=--mem=100000000"], env, expect=2)
+    assert "error: Slurm refused" in result.stderr and "Requested node configuration is not available" in \
+        result.stderr
+
+
+def wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = run_dir / "metrics.jsonl"
+        if path.exists():
+            steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
+            if steps and max(steps) >= step:
+                return max(steps)
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_slurm_run(slurm_cluster, cpt_inputs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("slurm-cpt")
+    recipe = cpt_recipe(cpt_inputs, root / "run.yaml", root / "run")
+    job = submit(["cpt", "--config", str(recipe), *CPU_JOB, "--log-dir", str(root / "logs"), "--parsable"],
+                 job_env(slurm_cluster)).stdout.strip()
+    state = slurm_cluster.wait_for(job, timeout=600)
+    log = next((root / "logs").glob("*.out")).read_text()
+    assert state == "COMPLETED", log[-4000:]
+    return root / "run", log
+
+
+def test_two_task_training_job_runs_to_completion(uninterrupted_slurm_run):
+    run_dir, log = uninterrupted_slurm_run
+    assert "2 ranks x micro-batch 2 x accumulation 2" in log
+    assert (run_dir / "exports" / f"step_{STEPS:08d}" / "model.safetensors").is_file()
+
+
+def test_requeue_and_usr1_resume_to_the_same_weights(slurm_cluster, cpt_inputs, uninterrupted_slurm_run, tmp_path):
+    recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
+    job = submit(["cpt", "--config", str(recipe), *CPU_JOB, "--log-dir", str(tmp_path / "logs"), "--parsable"],
+                 job_env(slurm_cluster)).stdout.strip()
+    wait_for_step(tmp_path / "run", 5)
+    slurm_cluster.run("scontrol", "requeue", job)  # as a preemption would: SIGTERM to the job now
+    deadline = time.monotonic() + 240
+    while slurm_cluster.restart_count(job) < 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    log_path = next((tmp_path / "logs").glob("*.out"))
+    while "restart 1 on" not in log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    while "resumed from" not in log_path.read_text().split("restart 1 on")[-1] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    wait_for_step(tmp_path / "run", 14)
+    slurm_cluster.run("scancel", "--signal=USR1", job)  # the warning signal, to every task
+    assert slurm_cluster.wait_for(job, timeout=600) == "COMPLETED", log_path.read_text()[-4000:]
+    log = log_path.read_text()
+    assert "restart 2 on" in log and "stopped after a committed checkpoint: requeueing" in log
+    assert log.count("resumed from") == 2
+    resumed = load_file(tmp_path / "run" / "exports" / f"step_{STEPS:08d}" / "model.safetensors")
+    reference = load_file(uninterrupted_slurm_run[0] / "exports" / f"step_{STEPS:08d}" / "model.safetensors")
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+
+
+def test_array_tokenization_equals_a_single_process_run(slurm_cluster, cpt_inputs, tmp_path):
+    documents = load_documents("embedded:c4_demo.jsonl")
+    inputs = []
+    for part in range(3):
+        path = tmp_path / f"part-{part}.jsonl"
+        path.write_text("".join(json.dumps({"text": d}) + "\n" for d in documents[part::3]))
+        inputs.append(str(path))
+    settings = {"inputs": inputs, "tokenizer": str(cpt_inputs["model"]), "validation_fraction": 0.1,
+                "num_workers": 1}
+    (tmp_path / "tok.yaml").write_text(yaml.safe_dump({**settings, "output_dir": str(tmp_path / "array")}))
+    result = submit(["prepare_data", "--config", str(tmp_path / "tok.yaml"), "--array", "3", "--gpus-per-node", "0",
+                     "--cpus-per-task", "1", "--time", "10:00", "--log-dir", str(tmp_path / "logs"), "--parsable"],
+                    job_env(slurm_cluster))
+    array_job, merge_job = result.stdout.strip().split(",")
+    assert slurm_cluster.wait_for(merge_job, timeout=600) == "COMPLETED", \
+        "".join(p.read_text() for p in (tmp_path / "logs").glob("*.out"))[-4000:]
+    single = json.loads(prepare(load_config(PrepareConfig, None, [
+        f"inputs=[{','.join(inputs)}]", f"tokenizer={cpt_inputs['model']}", "validation_fraction=0.1",
+        f"output_dir={tmp_path / 'single'}"])).read_text())
+    merged = json.loads((tmp_path / "array" / "manifest.json").read_text())
+    assert merged["fingerprint"] == single["fingerprint"]
+    assert merged["splits"] == single["splits"]
