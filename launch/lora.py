@@ -10,24 +10,18 @@ checkpoint. SIGUSR1/SIGTERM: checkpoint, then exit code 75; 2 = bad config or da
 
 from __future__ import annotations
 
-import signal
 import sys
+import warnings
 
-_stop_requested: list[int] = []
+from training import stop_signals
 
-
-def _request_stop(signum: int, frame) -> None:
-    _stop_requested.append(signum)
-
-
-for _signal in (signal.SIGUSR1, signal.SIGTERM):  # before the heavy imports, as in launch/cpt.py
-    signal.signal(_signal, _request_stop)
+stop_signals.install()  # first: SIGUSR1 would kill the process while torch and DeepSpeed import
+# PEFT asks transformers a question under its deprecated name, once per forward pass
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 from data.cli import cli_config, run_main  # noqa: E402
 from training.config import LoRAConfig  # noqa: E402
 from training.distributed import init_distributed, prepare_environment  # noqa: E402
-
-PREEMPTED_EXIT_CODE = 75
 
 
 def main(argv: list[str]) -> int:
@@ -37,8 +31,8 @@ def main(argv: list[str]) -> int:
 
     plan = plan_lora(config, world)
     init_distributed()
-    outcome = build_lora_trainer(config, plan, should_stop=lambda: bool(_stop_requested)).train()
-    return PREEMPTED_EXIT_CODE if outcome == "preempted" else 0
+    outcome = build_lora_trainer(config, plan, should_stop=stop_signals.requested).train()
+    return stop_signals.PREEMPTED_EXIT_CODE if outcome == "preempted" else 0
 
 
 if __name__ == "__main__":

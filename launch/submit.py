@@ -29,10 +29,10 @@ from string import Template
 
 from data.cli import run_main
 from data.config import load_config
+from training import stop_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "launch" / "slurm"
-PREEMPTED_EXIT_CODE = 75
 STAGES = {"prune": "prune.py", "prepare_data": "prepare_data.py", "cpt": "cpt.py", "eval": "eval.py",
           "lora": "lora.py"}
 REQUEUED_STAGES = ("cpt", "lora")
@@ -115,7 +115,7 @@ def scripts_for(stage: str, args: argparse.Namespace, overrides: list[str]) -> l
     directives = common_directives(args)
     if stage in REQUEUED_STAGES:
         body = Template((TEMPLATES / "requeue_on_stop.sh").read_text()).substitute(
-            command=stage_command(stage, args.config, overrides))
+            command=stage_command(stage, args.config, overrides), preempted=stop_signals.PREEMPTED_EXIT_CODE)
         directives += ["--requeue", f"--signal=USR1@{args.signal_seconds}"]
         return [(name, render(stage, args, body, name, directives))]
     if stage == "prepare_data" and args.array:

@@ -137,3 +137,26 @@ def test_bad_data_files_are_reported(tmp_path):
     loaded = load_alpaca(str(tmp_path / "mixed.jsonl"))
     assert len(loaded.records) == 8
     assert dict(loaded.skipped) == {"missing_output": 1, "missing_instruction": 1, "not_a_record": 1}
+
+
+def test_lora_under_the_deepspeed_launcher(cpt_inputs, tmp_path):
+    """Two data-parallel processes (a tiny Llama keeps it fast): same global batch, adapter + merged out."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
+                                                             "MASTER_PORT")}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                             str(port), str(root / "launch" / "lora.py"), f"model={cpt_inputs['model']}",
+                             f"output_dir={tmp_path / 'run'}", *RUN[1:], "checkpoint.every_steps=0"],
+                            capture_output=True, text=True, env={**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+                            cwd=root, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "2 ranks x micro-batch 2 x accumulation 1" in result.stdout
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged").config.num_hidden_layers == 4

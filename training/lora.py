@@ -75,10 +75,12 @@ def build_lora_trainer(config: LoRAConfig, plan: RunPlan, should_stop: Callable[
             "source": config.data.source, "records": len(alpaca.records) + sum(alpaca.skipped.values()),
             "used": len(alpaca.records), "skipped": dict(alpaca.skipped), "train": len(train),
             "validation": len(held_out), "train_prompt_fills_cutoff": examples.truncated_away})
-        if alpaca.skipped or examples.truncated_away:
-            print(f"Alpaca records skipped: {dict(alpaca.skipped)}; {examples.truncated_away} training records "
-                  f"have a prompt of {config.data.cutoff_len}+ tokens and no response left (raise data.cutoff_len)"
-                  f" -- see {config.output_dir / 'data_report.json'}")
+        notes = [f"skipped records: {dict(alpaca.skipped)}"] if alpaca.skipped else []
+        if examples.truncated_away:
+            notes.append(f"{examples.truncated_away} training records have a prompt of {config.data.cutoff_len}+ "
+                         "tokens and no response left (raise data.cutoff_len)")
+        if notes:
+            print("Alpaca data: " + "; ".join(notes) + f" -- see {config.output_dir / 'data_report.json'}")
     loader = PackedLoader(examples, config.global_batch, config.micro_batch, plan.world.world_size, rank,
                           config.data.seed, 0, collate_fn=collate)
     evaluations = []

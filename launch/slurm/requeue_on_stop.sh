@@ -4,8 +4,8 @@
 # (not --kill-on-bad-exit: it would kill the slower ranks' clean exit 75 and lose the code).
 srun --wait=120 ${command}
 rc=$$?
-if [ "$$rc" -eq 75 ]; then
-    # every rank committed a checkpoint after SIGUSR1/SIGTERM: run again from it
+if [ "$$rc" -eq ${preempted} ]; then
+    # exit code ${preempted}: every rank committed a checkpoint after SIGUSR1/SIGTERM; run again from it
     echo "== $$(date -Is) stopped after a committed checkpoint: requeueing job $$SLURM_JOB_ID"
     scontrol requeue "$$SLURM_JOB_ID"
 fi
