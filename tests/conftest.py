@@ -94,3 +94,31 @@ def cpt_inputs(tmp_path_factory, tokenizer):
     prepare(load_config(PrepareConfig, None, ["inputs=[embedded:c4_demo.jsonl]", f"output_dir={root / 'tokens'}",
                                               f"tokenizer={root / 'model'}", "validation_fraction=0.1"]))
     return {"model": root / "model", "tokens": root / "tokens", "root": root}
+
+
+DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def without_distributed_env(env: dict[str, str]) -> dict[str, str]:
+    """An environment for a launcher or Slurm job started from a test: no torch.distributed identity."""
+    return {k: v for k, v in env.items() if k not in DISTRIBUTED_ENV}
+
+
+@pytest.fixture(scope="session")
+def single_process_group():
+    """torch.distributed as one process (what a plain `python launch/cpt.py` is), set up once per session:
+    DeepSpeed caches its process groups, so the group is never torn down and made again. Its variables
+    stay set (DeepSpeed's engine reads LOCAL_RANK); launchers started by tests drop them
+    (`without_distributed_env`)."""
+    import socket
+
+    from training.distributed import init_distributed, prepare_environment
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
+    world = prepare_environment()
+    init_distributed()
+    return world

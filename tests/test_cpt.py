@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.config import load_config
+from tests.conftest import without_distributed_env
 from training.checkpoint import CheckpointStore, tag_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +57,7 @@ def cpt_command(inputs, run_dir: Path, *overrides: str, nprocs: int = 2,
 
 
 def environment() -> dict[str, str]:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    return env
+    return without_distributed_env(dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1"))
 
 
 def run_cpt(inputs, run_dir: Path, *overrides: str, expect: int = 0, **kwargs) -> subprocess.CompletedProcess:
@@ -215,25 +213,18 @@ def test_world_size_2_to_1_continues_on_the_exact_next_samples(inputs, reference
     assert abs(before[5] - before[6]) > 1e-3
 
 
-def test_exported_checkpoint_has_the_engines_logits_and_offline_export_matches(inputs, tmp_path, monkeypatch):
+def test_exported_checkpoint_has_the_engines_logits_and_offline_export_matches(inputs, tmp_path,
+                                                                                single_process_group):
     from training.config import CPTConfig
-    from training.distributed import init_distributed, prepare_environment
     from training.preflight import plan_run
     from training.trainer import build_cpt_trainer
 
-    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"}.items():
-        monkeypatch.setenv(key, value)
     run_dir = tmp_path / "run"
     config = load_config(CPTConfig, None, [f"model={inputs['model']}", f"data.path={inputs['tokens']}",
                                            f"output_dir={run_dir}", *COMMON, "train_steps=3"])
-    plan = plan_run(config, prepare_environment())
-    init_distributed()
+    plan = plan_run(config, single_process_group)
     trainer = build_cpt_trainer(config, plan, should_stop=lambda: False)
-    try:
-        assert trainer.train() == "completed"
-    finally:
-        torch.distributed.destroy_process_group()
+    assert trainer.train() == "completed"
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         engine_logits = trainer.engine.module(input_ids=ids).logits

@@ -16,6 +16,7 @@ from data.alpaca import PROMPT_NO_INPUT, AlpacaDataError, load_alpaca, prompt_fo
 from data.config import load_config
 from data.embedded import text_path
 from data.packed import IGNORE_INDEX
+from tests.conftest import without_distributed_env
 from training.config import LoRAConfig
 
 RUN = ["model=embedded:smollm2-135m", "data.source=embedded:alpaca_en_demo.json", "data.val_size=16",
@@ -25,22 +26,9 @@ RUN = ["model=embedded:smollm2-135m", "data.source=embedded:alpaca_en_demo.json"
 
 
 @pytest.fixture(scope="module")
-def distributed():
+def distributed(single_process_group):
     """DeepSpeed as one process, the way `python launch/lora.py` runs on one GPU."""
-    from training.distributed import init_distributed, prepare_environment
-
-    saved = dict(os.environ)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
-    world = prepare_environment()
-    init_distributed()
-    yield world
-    torch.distributed.destroy_process_group()
-    os.environ.clear()
-    os.environ.update(saved)
+    return single_process_group
 
 
 def run_lora(world, output_dir, stop_after: int | None = None) -> str:
@@ -145,8 +133,7 @@ def test_lora_under_the_deepspeed_launcher(cpt_inputs, tmp_path):
     import sys
     from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR",
-                                                             "MASTER_PORT")}
+    env = without_distributed_env(dict(os.environ))
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

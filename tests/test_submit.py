@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from data.config import load_config
 from data.prepare import PrepareConfig, prepare
 from data.text import load_documents
+from tests.conftest import without_distributed_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBMIT = [sys.executable, str(ROOT / "launch" / "submit.py")]
@@ -42,14 +43,18 @@ def submit(args: list[str], env: dict, expect: int = 0) -> subprocess.CompletedP
     return result
 
 
+def job_env_plain() -> dict:
+    return without_distributed_env(dict(os.environ))
+
+
 def job_env(cluster) -> dict:
-    return {**cluster.env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    return without_distributed_env({**cluster.env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
 
 
 def test_dry_run_writes_a_requeueing_script(cpt_inputs, tmp_path):
     recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
     result = submit(["cpt", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "8", "--dry-run",
-                     "--log-dir", str(tmp_path / "logs"), "global_batch=64"], dict(os.environ))
+                     "--log-dir", str(tmp_path / "logs"), "global_batch=64"], job_env_plain())
     script = next((tmp_path / "logs").glob("*.sbatch")).read_text()
     assert script in result.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
@@ -58,13 +63,14 @@ def test_dry_run_writes_a_requeueing_script(cpt_inputs, tmp_path):
     assert "srun --wait=120" in script and "global_batch=64" in script
     assert 'if [ "$rc" -eq 75 ]' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     bad = submit(["cpt", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "8", "--dry-run"],
-                 dict(os.environ), expect=2)
+                 job_env_plain(), expect=2)
     assert "global_batch 8 does not divide into micro_batch 2 x 16 processes" in bad.stderr
 
 
 def test_missing_sbatch_is_a_clear_error(cpt_inputs, tmp_path):
     recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
-    result = submit(["cpt", "--config", str(recipe), *CPU_JOB], {**os.environ, "PATH": str(tmp_path)}, expect=2)
+    result = submit(["cpt", "--config", str(recipe), *CPU_JOB], {**job_env_plain(), "PATH": str(tmp_path)},
+                    expect=2)
     assert result.stderr.startswith("error: sbatch not found on PATH")
 
 
