@@ -30,6 +30,7 @@ from training.checkpoint import METADATA
 from training.export import DTYPES, export_checkpoint
 from training.latency import measure_generation
 from training.perplexity import BosPolicy, perplexity, segment_stream
+from training.preflight import check_model_path
 from training.zeroshot import PAPER_TASKS, load_tasks, run_tasks
 
 # --- config ------------------------------------------------------------------------------------
@@ -141,10 +142,7 @@ def resolve_checkpoint(path: str, scratch: Path) -> str:
     resolved = resolve_model(path)
     if (Path(resolved) / METADATA).is_file():
         return str(export_checkpoint(Path(resolved), scratch / Path(resolved).name, DTYPES["fp32"]))
-    local = Path(resolved)
-    if (local.is_absolute() or resolved.startswith(".") or local.exists()) and not (local / "config.json").is_file():
-        raise ConfigError(f"model {path} is neither a Hugging Face checkpoint nor a committed training checkpoint")
-    return resolved
+    return check_model_path(resolved)
 
 
 def load_texts(config: PerplexitySection) -> dict[str, list[str]]:

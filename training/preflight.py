@@ -76,7 +76,8 @@ def check_model_path(model: str) -> str:
     local = Path(model_path)
     if (local.is_absolute() or model_path.startswith(".") or local.exists()) and not (local / "config.json").is_file():
         raise ConfigError(f"model {model_path} is not a Hugging Face checkpoint directory (no config.json): "
-                          "set model= to a checkpoint written by launch/prune.py, launch/cpt.py or transformers")
+                          "set model= to a checkpoint written by launch/prune.py, launch/cpt.py or transformers "
+                          "(launch/eval.py also takes <run>/checkpoints/step_N)")
     return model_path
 
 
