@@ -121,7 +121,7 @@ def _build(cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
             value = values[name]
             if dataclasses.is_dataclass(hints[name]) and field.default_factory is not dataclasses.MISSING \
                     and isinstance(value, dict):  # a partial section updates the field's default, not the class's
-                value = _merge(dataclasses.asdict(field.default_factory()), value)
+                value = merge_dicts(dataclasses.asdict(field.default_factory()), value)
             kwargs[name] = _coerce(prefix + name, value, hints[name])
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"missing required config key {prefix}{name} ({_type_name(hints[name])})")
@@ -151,11 +151,12 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     return tree
 
 
-def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over `base`, recursively for nested mappings (overrides over YAML, a `deepspeed` section over ours)."""
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_dicts(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -172,7 +173,7 @@ def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | N
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
         values = loaded
-    values = _merge(values, parse_overrides(overrides or []))
+    values = merge_dicts(values, parse_overrides(overrides or []))
     config = _build(cls, values)
     _validate(config)
     return config

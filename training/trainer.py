@@ -26,7 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, set_seed
 
 from data.artifacts import library_versions
-from data.config import save_config, to_dict
+from data.config import merge_dicts, save_config, to_dict
 from data.packed import PackedLoader, PackedSequences
 from training.checkpoint import CheckpointError, CheckpointStore, convert_to_universal, restore_rng, tag_for
 from training.config import CPTConfig, TrainingConfig
@@ -63,15 +63,7 @@ def deepspeed_config(config: TrainingConfig, plan: RunPlan) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return merge(ds, config.deepspeed)
-
-
-def merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        merged[key] = merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
-            else value
-    return merged
+    return merge_dicts(ds, config.deepspeed)
 
 
 def load_model(config: TrainingConfig, plan: RunPlan, ds_config: dict) -> PreTrainedModel:
