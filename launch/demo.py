@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from data.prepare import PrepareConfig
 from data.prepare import prepare as prepare_data
 from pruning.config import PruneConfig
 from pruning.run import prune
+from training.distributed import free_port
 from training.evaluate import EvalConfig, evaluate_models
 
 
@@ -79,11 +79,8 @@ def run_stage(command: list[str], run_dir: Path) -> None:
 def continue_pretraining(config: DemoConfig, model_dir: Path, tokens_dir: Path) -> Path:
     """`deepspeed launch/cpt.py` with 2 CPU processes; returns the exported checkpoint."""
     run_dir = config.output_root / "cpt"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     run_stage([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(config.cpt_processes),
-               "--master_port", str(port), "launch/cpt.py", "--config", str(config.cpt_recipe),
+               "--master_port", str(free_port()), "launch/cpt.py", "--config", str(config.cpt_recipe),
                f"model={model_dir}", f"data.path={tokens_dir}", f"output_dir={run_dir}"], run_dir)
     return sorted((run_dir / "exports").iterdir())[-1]
 

@@ -110,15 +110,10 @@ def single_process_group():
     DeepSpeed caches its process groups, so the group is never torn down and made again. Its variables
     stay set (DeepSpeed's engine reads LOCAL_RANK); launchers started by tests drop them
     (`without_distributed_env`)."""
-    import socket
+    from training.distributed import free_port, init_distributed, prepare_environment
 
-    from training.distributed import init_distributed, prepare_environment
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"})
+                       "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"})
     world = prepare_environment()
     init_distributed()
     return world

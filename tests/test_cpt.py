@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.config import load_config
 from tests.conftest import without_distributed_env
 from training.checkpoint import CheckpointStore, tag_for
+from training.distributed import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -34,12 +34,6 @@ PREEMPTED = 75
 @pytest.fixture(scope="module")
 def inputs(cpt_inputs):
     return cpt_inputs
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cpt_command(inputs, run_dir: Path, *overrides: str, nprocs: int = 2,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from data.embedded import text_path
 from data.packed import IGNORE_INDEX
 from tests.conftest import without_distributed_env
 from training.config import LoRAConfig
+from training.distributed import free_port
 
 RUN = ["model=embedded:smollm2-135m", "data.source=embedded:alpaca_en_demo.json", "data.val_size=16",
        "data.cutoff_len=96", "train_steps=4", "global_batch=4", "micro_batch=2", "optimizer.lr=1e-3",
@@ -129,17 +132,10 @@ def test_bad_data_files_are_reported(tmp_path):
 
 def test_lora_under_the_deepspeed_launcher(cpt_inputs, tmp_path):
     """Two data-parallel processes (a tiny Llama keeps it fast): same global batch, adapter + merged out."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     env = without_distributed_env(dict(os.environ))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
-                             str(port), str(root / "launch" / "lora.py"), f"model={cpt_inputs['model']}",
+                             str(free_port()), str(root / "launch" / "lora.py"), f"model={cpt_inputs['model']}",
                              f"output_dir={tmp_path / 'run'}", *RUN[1:], "checkpoint.every_steps=0"],
                             capture_output=True, text=True, env={**env, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
                             cwd=root, timeout=600)
