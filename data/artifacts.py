@@ -63,12 +63,16 @@ def atomic_directory(path: Path, overwrite: bool = False) -> Iterator[Path]:
         os.replace(tmp, path)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary file and rename it over `path`."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary sibling file and rename it over `path`: readers see the old or the new file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -3,7 +3,9 @@
 Configs are plain (possibly nested) dataclasses. Values are checked against the field types
 (int, float, str, bool, Path, Literal, Optional, list, nested dataclass) and every error names the
 key and what would fix it. A dataclass may define `validate(self)` to check derived values; it is
-called after loading, before any expensive work.
+called after loading, before any expensive work. A dataclass may name groups of mutually exclusive
+fields in `__exclusive__`: a command-line override of one member replaces the recipe's choice (the
+other members become null in the resolved, saved config) instead of failing as "set exactly one".
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
+
+from data.artifacts import write_text_atomic
 
 C = TypeVar("C")
 
@@ -162,6 +166,21 @@ def merge_dicts(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _clear_exclusive(cls: type, values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`values` (the recipe) with the other members of each exclusive group that `overrides` sets nulled."""
+    values = dict(values)
+    for group in getattr(cls, "__exclusive__", ()):
+        chosen = [name for name in group if overrides.get(name) is not None]
+        if chosen:
+            values.update({name: None for name in group if name not in chosen})
+    hints = typing.get_type_hints(cls)
+    for name, override in overrides.items():
+        if isinstance(override, dict) and dataclasses.is_dataclass(hints.get(name)):
+            section = values.get(name)
+            values[name] = _clear_exclusive(hints[name], section if isinstance(section, dict) else {}, override)
+    return values
+
+
 def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | None = None) -> C:
     """Build a validated `cls` from an optional YAML file and dotted overrides."""
     values: dict[str, Any] = {}
@@ -173,7 +192,8 @@ def load_config(cls: type[C], path: Path | None = None, overrides: list[str] | N
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys, not {type(loaded).__name__}")
         values = loaded
-    values = merge_dicts(values, parse_overrides(overrides or []))
+    overridden = parse_overrides(overrides or [])
+    values = merge_dicts(_clear_exclusive(cls, values, overridden), overridden)
     config = _build(cls, values)
     _validate(config)
     return config
@@ -202,4 +222,4 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 
 def save_config(config: Any, path: Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(to_dict(config), sort_keys=False))

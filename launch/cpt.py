@@ -13,30 +13,26 @@ complete, 2 bad config or inputs (nothing started), 75 stopped by a signal after
 from __future__ import annotations
 
 import sys
-import warnings
 
 from training import stop_signals
 
 stop_signals.install()  # first: SIGUSR1 would kill the process while torch and DeepSpeed import
 
-# DeepSpeed's ZeRO calls a torch.distributed name torch deprecated; once per rank and step otherwise.
-warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*", category=FutureWarning)
-
 from data.cli import cli_config, run_main  # noqa: E402
 from training.config import CPTConfig  # noqa: E402
-from training.distributed import init_distributed, prepare_environment  # noqa: E402
-from training.preflight import plan_run  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    config = cli_config(CPTConfig, __doc__, argv)
-    world = prepare_environment()
-    plan = plan_run(config, world)  # every cheap check, before any process group or model exists
-    init_distributed()
-    from training.trainer import build_cpt_trainer
+    config = cli_config(CPTConfig, __doc__, argv)  # before any heavy import: --help and bad keys answer at once
+    from training.distributed import init_distributed, prepare_environment, quiet_output
 
+    world = prepare_environment()
+    quiet_output(world)  # before the libraries load: one rank prints
+    from training.cpt import build_cpt_trainer, plan_cpt
+    plan = plan_cpt(config, world)  # every cheap check, before any process group or model exists
+    init_distributed()
     outcome = build_cpt_trainer(config, plan, should_stop=stop_signals.requested).train()
-    return stop_signals.PREEMPTED_EXIT_CODE if outcome == "preempted" else 0
+    return stop_signals.exit_code(outcome)
 
 
 if __name__ == "__main__":

@@ -23,18 +23,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from data.cli import cli_config, run_main
 from data.config import load_config
 from data.embedded import resolve_model
 from data.prepare import PrepareConfig
 from data.prepare import prepare as prepare_data
 from pruning.config import PruneConfig
-from pruning.run import prune
-from training.distributed import free_port
-from training.evaluate import EvalConfig, evaluate_models
+from training.eval_config import EvalConfig
 
 
 @dataclass
@@ -52,6 +47,9 @@ class DemoConfig:
 
 
 def continuation(model_dir: Path, prompt: str, new_tokens: int) -> str:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -78,6 +76,8 @@ def run_stage(command: list[str], run_dir: Path) -> None:
 
 def continue_pretraining(config: DemoConfig, model_dir: Path, tokens_dir: Path) -> Path:
     """`deepspeed launch/cpt.py` with 2 CPU processes; returns the exported checkpoint."""
+    from training.distributed import free_port
+
     run_dir = config.output_root / "cpt"
     run_stage([str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(config.cpt_processes),
                "--master_port", str(free_port()), "launch/cpt.py", "--config", str(config.cpt_recipe),
@@ -95,6 +95,11 @@ def lora(config: DemoConfig, model_dir: Path) -> Path:
 
 def main(argv: list[str]) -> int:
     config = cli_config(DemoConfig, __doc__, argv)
+    import torch
+
+    from pruning.run import prune
+    from training.evaluate import evaluate_models
+
     torch.manual_seed(0)
     stage = config.output_root / "pruned-ppl-20"
     prune_config = load_config(PruneConfig, config.prune_recipe, [f"output_dir={stage}", "overwrite=true"])

@@ -11,28 +11,26 @@ checkpoint. SIGUSR1/SIGTERM: checkpoint, then exit code 75; 2 = bad config or da
 from __future__ import annotations
 
 import sys
-import warnings
 
 from training import stop_signals
 
 stop_signals.install()  # first: SIGUSR1 would kill the process while torch and DeepSpeed import
-# PEFT asks transformers a question under its deprecated name, once per forward pass
-warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 from data.cli import cli_config, run_main  # noqa: E402
 from training.config import LoRAConfig  # noqa: E402
-from training.distributed import init_distributed, prepare_environment  # noqa: E402
 
 
 def main(argv: list[str]) -> int:
-    config = cli_config(LoRAConfig, __doc__, argv)
-    world = prepare_environment()
-    from training.lora import build_lora_trainer, plan_lora
+    config = cli_config(LoRAConfig, __doc__, argv)  # before any heavy import: --help and bad keys answer at once
+    from training.distributed import init_distributed, prepare_environment, quiet_output
 
-    plan = plan_lora(config, world)
+    world = prepare_environment()
+    quiet_output(world)  # before the libraries load: one rank prints
+    from training.lora import build_lora_trainer, plan_lora
+    plan = plan_lora(config, world)  # every cheap check, before any process group or model exists
     init_distributed()
     outcome = build_lora_trainer(config, plan, should_stop=stop_signals.requested).train()
-    return stop_signals.PREEMPTED_EXIT_CODE if outcome == "preempted" else 0
+    return stop_signals.exit_code(outcome)
 
 
 if __name__ == "__main__":

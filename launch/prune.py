@@ -11,11 +11,12 @@ import sys
 
 from data.cli import cli_config, run_main
 from pruning.config import PruneConfig
-from pruning.run import prune
 
 
 def main(argv: list[str]) -> int:
     config = cli_config(PruneConfig, __doc__, argv)
+    from pruning.run import prune
+
     result = prune(config)
     report = result.report
     print(f"criterion {report['criterion']}: removed blocks {result.removed} "

@@ -18,6 +18,7 @@ submission) exit with code 2 before or instead of submitting.
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import shlex
 import shutil
@@ -26,15 +27,27 @@ import sys
 import time
 from pathlib import Path
 from string import Template
+from typing import NamedTuple
 
+from data.batch_layout import accumulation_steps
 from data.cli import run_main
 from data.config import load_config
 from training import stop_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "launch" / "slurm"
-STAGES = {"prune": "prune.py", "prepare_data": "prepare_data.py", "cpt": "cpt.py", "eval": "eval.py",
-          "lora": "lora.py"}
+
+
+class Stage(NamedTuple):
+    script: str
+    config_class: str  # module:Class, imported only for the stage submitted
+
+
+STAGES = {"prune": Stage("prune.py", "pruning.config:PruneConfig"),
+          "prepare_data": Stage("prepare_data.py", "data.prepare:PrepareConfig"),
+          "cpt": Stage("cpt.py", "training.config:CPTConfig"),
+          "lora": Stage("lora.py", "training.config:LoRAConfig"),
+          "eval": Stage("eval.py", "training.eval_config:EvalConfig")}
 REQUEUED_STAGES = ("cpt", "lora")
 
 
@@ -44,24 +57,14 @@ class SubmitError(ValueError):
 
 def stage_config(stage: str, config: Path, overrides: list[str]):
     """Load the stage's own config now, so a bad recipe fails here rather than in the queue."""
-    if stage == "prune":
-        from pruning.config import PruneConfig as cls
-    elif stage == "prepare_data":
-        from data.prepare import PrepareConfig as cls
-    elif stage == "cpt":
-        from training.config import CPTConfig as cls
-    elif stage == "lora":
-        from training.config import LoRAConfig as cls
-    else:
-        from training.evaluate import EvalConfig as cls
-    return load_config(cls, config, overrides)
+    module, name = STAGES[stage].config_class.split(":")
+    return load_config(getattr(importlib.import_module(module), name), config, overrides)
 
 
 def check_world(stage: str, config, world_size: int) -> None:
-    if stage in REQUEUED_STAGES and config.global_batch % (config.micro_batch * world_size):
-        raise SubmitError(f"global_batch {config.global_batch} does not divide into micro_batch {config.micro_batch} "
-                          f"x {world_size} processes (nodes x tasks per node): change --nodes/--gpus-per-node or "
-                          "global_batch")
+    """The batch rule for nodes x tasks per node, before anything waits in the queue."""
+    if stage in REQUEUED_STAGES:
+        accumulation_steps(config.global_batch, config.micro_batch, world_size)
 
 
 def partition_gpus(partition: str | None) -> int:
@@ -83,7 +86,7 @@ def partition_gpus(partition: str | None) -> int:
 
 
 def stage_command(stage: str, config: Path, overrides: list[str], extra: list[str] = ()) -> str:
-    return " ".join(shlex.quote(a) for a in [sys.executable, f"launch/{STAGES[stage]}", "--config", str(config),
+    return " ".join(shlex.quote(a) for a in [sys.executable, f"launch/{STAGES[stage].script}", "--config", str(config),
                                              *overrides, *extra])
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from data.config import ConfigError
+from data.precision import PRECISION_DOC, Precision
 
 Criterion = Literal["ppl", "ppl+", "taylor", "taylor+", "mag", "mag+", "block_influence", "block_influence+"]
 CRITERIA: tuple[str, ...] = Criterion.__args__
@@ -50,6 +51,7 @@ class TargetConfig:
     param_ratio: float | None = None
     blocks: list[int] | None = None
 
+    __exclusive__ = (("num_blocks", "param_ratio", "blocks"),)  # an override of one clears the recipe's other
     __field_docs__ = {
         "num_blocks": "number of blocks to remove",
         "param_ratio": "fraction of all parameters to remove (the paper's '20% pruned' = 0.2)",
@@ -82,7 +84,7 @@ class PruneConfig:
     protect_first: int | None = None
     protect_last: int | None = None
     device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Precision = "auto"
     verify_reload: bool = True
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
@@ -94,7 +96,7 @@ class PruneConfig:
         "protect_first": "blocks at the start never removed (default 4 for '+' criteria, else 0)",
         "protect_last": "blocks at the end never removed (default 2 for '+' criteria, else 0)",
         "device": "auto | cpu | cuda | cuda:N",
-        "dtype": "auto = float32 on CPU, bfloat16 on GPU",
+        "dtype": PRECISION_DOC,
         "verify_reload": "reload the written checkpoint and check every weight was loaded",
     }
 

@@ -24,6 +24,7 @@ from data.artifacts import (
 )
 from data.config import save_config, to_dict
 from data.embedded import resolve_model, resolve_text
+from data.precision import resolve_device, torch_dtype
 from data.text import load_documents
 from pruning import scores as criteria
 from pruning.calibration import sample_calibration
@@ -48,18 +49,6 @@ class PruneResult:
     def artifact_lines(self) -> list[str]:
         return [f"checkpoint: {self.output_dir}", f"report:     {self.output_dir / 'pruning_report.json'}",
                 f"plot:       {self.output_dir / 'block_importance.png'}"]
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
 
 
 def _load_model_config(model: str):
@@ -145,7 +134,7 @@ def prune(config: PruneConfig) -> PruneResult:
     timings["setup_s"] = time.perf_counter() - start
 
     device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
+    dtype = torch_dtype(config.dtype, device)
     tick = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
     calibration = calibration.to(device)

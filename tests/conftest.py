@@ -1,6 +1,4 @@
-"""Shared fixtures: tiny random models of several architectures and the real SmolLM2."""
-
-from __future__ import annotations
+"""pytest set-up: offline hubs, and the shared fixtures of tests/fixtures.py."""
 
 import os
 
@@ -8,112 +6,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
-
-from data.embedded import smollm2_path, text_path  # noqa: E402
-from tests.slurm_cluster import SlurmCluster, ensure_slurm_installed  # noqa: E402
-from tests.tiny_models import ARCHITECTURES, make_tiny_model  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def smollm2_dir() -> Path:
-    return smollm2_path()
-
-
-@pytest.fixture(scope="session")
-def tokenizer(smollm2_dir):
-    return AutoTokenizer.from_pretrained(smollm2_dir)
-
-
-@pytest.fixture(scope="session")
-def books_path() -> Path:
-    return text_path("books.jsonl")
-
-
-@pytest.fixture(scope="session")
-def wiki_path() -> Path:
-    return text_path("wiki_demo.txt")
-
-
-@pytest.fixture(scope="session")
-def tiny_model_dirs(tmp_path_factory, tokenizer) -> dict[str, Path]:
-    """A saved checkpoint (weights + the SmolLM2 tokenizer) per architecture."""
-    root = tmp_path_factory.mktemp("tiny")
-    dirs = {}
-    for arch in ARCHITECTURES:
-        model = make_tiny_model(arch, len(tokenizer))
-        path = root / arch
-        model.save_pretrained(path)
-        tokenizer.save_pretrained(path)
-        dirs[arch] = path
-    return dirs
-
-
-@pytest.fixture(scope="session")
-def calibration(tokenizer, books_path):
-    from data.text import load_documents
-    from pruning.calibration import sample_calibration
-
-    return sample_calibration(load_documents(str(books_path)), tokenizer, 4, 32, seed=1234)
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster(request):
-    """A real Slurm cluster on loopback for the whole session (installed with apt on first use when we
-    are root); the test is skipped when Slurm is not here and cannot be installed."""
-    reason = ensure_slurm_installed()
-    if reason is not None:
-        pytest.skip(reason)
-    cluster = SlurmCluster()
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop(keep=request.session.testsfailed > 0)
-
-
-@pytest.fixture(scope="session")
-def cpt_inputs(tmp_path_factory, tokenizer):
-    """A tiny Llama with SmolLM2's tokenizer (tied embeddings, as SmolLM2) and real C4 text shards."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from data.config import load_config
-    from data.prepare import PrepareConfig, prepare
-
-    root = tmp_path_factory.mktemp("cpt")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    prepare(load_config(PrepareConfig, None, ["inputs=[embedded:c4_demo.jsonl]", f"output_dir={root / 'tokens'}",
-                                              f"tokenizer={root / 'model'}", "validation_fraction=0.1"]))
-    return {"model": root / "model", "tokens": root / "tokens", "root": root}
-
-
-DISTRIBUTED_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
-
-def without_distributed_env(env: dict[str, str]) -> dict[str, str]:
-    """An environment for a launcher or Slurm job started from a test: no torch.distributed identity."""
-    return {k: v for k, v in env.items() if k not in DISTRIBUTED_ENV}
-
-
-@pytest.fixture(scope="session")
-def single_process_group():
-    """torch.distributed as one process (what a plain `python launch/cpt.py` is), set up once per session:
-    DeepSpeed caches its process groups, so the group is never torn down and made again. Its variables
-    stay set (DeepSpeed's engine reads LOCAL_RANK); launchers started by tests drop them
-    (`without_distributed_env`)."""
-    from training.distributed import free_port, init_distributed, prepare_environment
-
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port()), "DS_ACCELERATOR": "cpu"})
-    world = prepare_environment()
-    init_distributed()
-    return world
+from tests.fixtures import (  # noqa: E402, F401  (fixtures are found by name)
+    books_path,
+    calibration,
+    cpt_inputs,
+    single_process_group,
+    slurm_cluster,
+    smollm2_dir,
+    tiny_model_dirs,
+    tokenizer,
+    wiki_path,
+)

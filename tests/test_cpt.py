@@ -18,9 +18,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.config import load_config
-from tests.conftest import without_distributed_env
-from training.checkpoint import CheckpointStore, tag_for
+from tests.fixtures import without_distributed_env
+from training.checkpoint import CheckpointStore
 from training.distributed import free_port
+from training.run_dir import tag_for
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"

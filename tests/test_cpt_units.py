@@ -15,12 +15,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from data.config import ConfigError, load_config
 from data.prepare import PrepareConfig, prepare
 from data.shards import DataMismatchError
-from training.checkpoint import METADATA, CheckpointStore, tag_for
+from tests.fixtures import tiny_llama_with_tokens
+from training.checkpoint import METADATA, CheckpointStore
 from training.config import CPTConfig, ScheduleSection
+from training.cpt import plan_cpt
 from training.distributed import WorldInfo, first_slurm_host, slurm_environment
 from training.metrics import truncate_jsonl
 from training.optim import lr_multiplier, parameter_groups
-from training.preflight import plan_run
+from training.run_dir import tag_for
 from training.throughput import flops_per_token, matmul_parameters
 from training.trainer import deepspeed_config
 
@@ -29,14 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, tokenizer):
-    root = tmp_path_factory.mktemp("cpt-units")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
-    tokenizer.save_pretrained(root / "model")
-    prepare(load_config(PrepareConfig, None, ["inputs=[embedded:c4_demo.jsonl]", f"output_dir={root / 'tokens'}",
-                                              f"tokenizer={root / 'model'}", "validation_fraction=0.1"]))
-    return root
+    return tiny_llama_with_tokens(tmp_path_factory.mktemp("cpt-units"), tokenizer, hidden_size=32, layers=2)
 
 
 def config_for(root: Path, *overrides: str) -> CPTConfig:
@@ -60,7 +55,7 @@ def test_defaults_are_the_papers_recipe():
     (["zero_stage=4"], "zero_stage: 4 is not one of 1, 2, 3"),
     (["train_steps=null"], "set exactly one of train_steps or train_tokens"),
     (["train_tokens=100"], "set exactly one of train_steps or train_tokens"),
-    (["global_batch=9"], "global_batch 9 is not a multiple of micro_batch 2"),
+    (["global_batch=9"], "global_batch 9 does not divide into micro_batch 2.*e.g. global_batch=8"),
     (["optimizer.betas=[0.9]"], "optimizer.betas must be two numbers"),
 ])
 def test_bad_config_values_name_the_key(small_run, overrides, message):
@@ -70,17 +65,17 @@ def test_bad_config_values_name_the_key(small_run, overrides, message):
 
 def test_batch_that_does_not_divide_over_the_world_is_refused(small_run):
     config = config_for(small_run, "global_batch=6")
-    with pytest.raises(ConfigError, match=r"global batch 6 is not divisible by micro batch 2 x world size 2.*"
-                                          r"global_batch=16"):
-        plan_run(config, WORLD2)
-    assert plan_run(config_for(small_run), WORLD2).accumulation == 2
+    with pytest.raises(ConfigError, match=r"global_batch 6 does not divide into micro_batch 2 x 2 processes.*"
+                                          r"global_batch=8"):
+        plan_cpt(config, WORLD2)
+    assert plan_cpt(config_for(small_run), WORLD2).accumulation == 2
 
 
 def test_missing_data_and_model_are_refused(small_run, tmp_path):
     with pytest.raises(DataMismatchError, match="manifest.json does not exist: run launch/prepare_data.py"):
-        plan_run(config_for(small_run, f"data.path={tmp_path / 'nothing'}"), WORLD2)
+        plan_cpt(config_for(small_run, f"data.path={tmp_path / 'nothing'}"), WORLD2)
     with pytest.raises(ConfigError, match="not a Hugging Face checkpoint directory"):
-        plan_run(config_for(small_run, f"model={tmp_path}"), WORLD2)
+        plan_cpt(config_for(small_run, f"model={tmp_path}"), WORLD2)
 
 
 def test_tokenizer_mismatch_is_refused(small_run, tmp_path):
@@ -91,15 +86,15 @@ def test_tokenizer_mismatch_is_refused(small_run, tmp_path):
     for name in ("config.json", "model.safetensors"):
         (other / name).write_bytes((small_run / "model" / name).read_bytes())
     with pytest.raises(DataMismatchError, match="tokenized with another tokenizer"):
-        plan_run(config_for(small_run, f"model={other}"), WORLD2)
+        plan_cpt(config_for(small_run, f"model={other}"), WORLD2)
 
 
 def test_missing_validation_split_is_refused(small_run, tmp_path):
     prepare(load_config(PrepareConfig, None, ["inputs=[embedded:c4_demo.jsonl]", f"output_dir={tmp_path / 'tok'}",
                                               f"tokenizer={small_run / 'model'}"]))
     with pytest.raises(ConfigError, match="no validation split.*validation.every_steps=0"):
-        plan_run(config_for(small_run, f"data.path={tmp_path / 'tok'}"), WORLD2)
-    plan_run(config_for(small_run, f"data.path={tmp_path / 'tok'}", "validation.every_steps=0"), WORLD2)
+        plan_cpt(config_for(small_run, f"data.path={tmp_path / 'tok'}"), WORLD2)
+    plan_cpt(config_for(small_run, f"data.path={tmp_path / 'tok'}", "validation.every_steps=0"), WORLD2)
 
 
 def fake_checkpoint(directory: Path, step: int, world_size: int = 2, **changes) -> Path:
@@ -114,21 +109,21 @@ def fake_checkpoint(directory: Path, step: int, world_size: int = 2, **changes) 
 
 def test_resume_refuses_a_checkpoint_of_another_run(small_run, tmp_path):
     config = config_for(small_run, f"output_dir={tmp_path}")
-    plan = plan_run(config, WORLD2)
+    plan = plan_cpt(config, WORLD2)
     changes = {"config": {"global_batch": 16, "data": {"seq_len": 64}}, "fingerprints": plan.fingerprints}
     fake_checkpoint(tmp_path / "checkpoints", 4, **changes)
     with pytest.raises(ConfigError, match="trained with global_batch=16, not 8"):
-        plan_run(config, WORLD2)
+        plan_cpt(config, WORLD2)
     with pytest.raises(ConfigError, match="already holds checkpoints.*resume=true"):
-        plan_run(config_for(small_run, f"output_dir={tmp_path}", "resume=false"), WORLD2)
+        plan_cpt(config_for(small_run, f"output_dir={tmp_path}", "resume=false"), WORLD2)
 
 
 def test_resume_on_another_world_size_asks_for_the_universal_format(small_run, tmp_path):
     config = config_for(small_run, f"output_dir={tmp_path}")
-    fingerprints = plan_run(config, WORLD2).fingerprints
+    fingerprints = plan_cpt(config, WORLD2).fingerprints
     fake_checkpoint(tmp_path / "checkpoints", 4, world_size=4, fingerprints=fingerprints,
                     config={"global_batch": 8, "data": {"seq_len": 64}})
-    plan = plan_run(config, WORLD2)
+    plan = plan_cpt(config, WORLD2)
     assert plan.resume_from.step == 4 and plan.needs_universal
     assert deepspeed_config(config, plan)["checkpoint"]["load_universal"] is True
 
@@ -219,7 +214,7 @@ def test_flops_per_token_follows_the_palm_formula():
 
 def test_deepspeed_overrides_merge_over_ours(small_run):
     config = config_for(small_run, "deepspeed={zero_optimization: {overlap_comm: true}}", "zero_stage=3")
-    ds = deepspeed_config(config, plan_run(config, WORLD2))
+    ds = deepspeed_config(config, plan_cpt(config, WORLD2))
     assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
                                        "overlap_comm": True}
     assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (8, 2, 1.0)

@@ -11,7 +11,8 @@ import zstandard
 
 from data.config import load_config
 from data.corpus import CorpusError
-from data.packed import IGNORE_INDEX, PackedLoader, PackedSequences
+from data.loader import GlobalBatchLoader
+from data.packed import IGNORE_INDEX, PackedSequences
 from data.prepare import PrepareConfig, prepare
 from data.shards import DataMismatchError
 from data.text import load_documents
@@ -148,7 +149,7 @@ def _order(tokens_dir, world_size, workers, steps=3, global_batch=16, consumed=0
     dataset = PackedSequences(tokens_dir, 64)
     per_step = []
     for rank in range(world_size):
-        loader = PackedLoader(dataset, global_batch, 2, world_size, rank, seed=5, num_workers=workers,
+        loader = GlobalBatchLoader(dataset, global_batch, 2, world_size, rank, seed=5, num_workers=workers,
                               consumed_samples=consumed)
         batches = iter(loader)
         for step in range(steps):
@@ -167,7 +168,7 @@ def test_order_is_independent_of_world_size_and_workers(tokens_dir):
 
 def test_resume_continues_exactly_even_on_another_world_size(tokens_dir):
     dataset = PackedSequences(tokens_dir, 64)
-    loader = PackedLoader(dataset, 16, 2, world_size=1, rank=0, seed=5)
+    loader = GlobalBatchLoader(dataset, 16, 2, world_size=1, rank=0, seed=5)
     batches = iter(loader)
     for _ in range(2 * loader.accumulation):
         next(batches)
@@ -176,23 +177,23 @@ def test_resume_continues_exactly_even_on_another_world_size(tokens_dir):
     uninterrupted = _order(tokens_dir, 1, 0, steps=3)
     resumed = _order(tokens_dir, 2, 0, steps=1, consumed=state["consumed_samples"])
     assert resumed[0] == uninterrupted[2]
-    restored = PackedLoader(dataset, 16, 2, world_size=4, rank=0, seed=0)
+    restored = GlobalBatchLoader(dataset, 16, 2, world_size=4, rank=0, seed=0)
     restored.load_state_dict(state)
     assert restored.consumed_samples == 32 and restored.seed == 5
     with pytest.raises(DataMismatchError, match="global batch"):
-        PackedLoader(dataset, 32, 2).load_state_dict(state)
+        GlobalBatchLoader(dataset, 32, 2).load_state_dict(state)
 
 
 def test_epochs_wrap_with_a_new_order(tokens_dir):
-    from data.packed import GlobalBatchSampler
+    from data.loader import GlobalBatchSampler
 
     dataset = PackedSequences(tokens_dir, 512)
     n = len(dataset)
-    ids = GlobalBatchSampler(n, 1, 1, 1, 0, seed=1).sequence_ids(np.arange(2 * n))
+    ids = GlobalBatchSampler(n, 1, 1, 1, 0, seed=1).item_ids(np.arange(2 * n))
     assert sorted(ids[:n]) == list(range(n)) == sorted(ids[n:]) and list(ids[:n]) != list(ids[n:])
-    loader = PackedLoader(dataset, 2, 1, seed=1, consumed_samples=2 * n)
+    loader = GlobalBatchLoader(dataset, 2, 1, seed=1, consumed_samples=2 * n)
     first = next(iter(loader))["input_ids"][0]
-    third_epoch = GlobalBatchSampler(n, 1, 1, 1, 0, seed=1).sequence_ids(np.array([2 * n]))[0]
+    third_epoch = GlobalBatchSampler(n, 1, 1, 1, 0, seed=1).item_ids(np.array([2 * n]))[0]
     assert torch.equal(first, dataset[int(third_epoch)]["input_ids"])
     assert loader.state_dict()["epoch"] == 2
 

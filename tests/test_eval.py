@@ -20,7 +20,8 @@ from data.config import ConfigError, load_config
 from data.embedded import CLOZE_TASK, tasks_path
 from data.text import TextSourceError
 from pruning.layers import remove_blocks
-from training.evaluate import EvalConfig, evaluate_models, load_texts, markdown_table
+from training.eval_config import EvalConfig
+from training.evaluate import evaluate_models, load_texts, markdown_table
 from training.latency import measure_generation
 from training.perplexity import perplexity, segment_stream
 from training.zeroshot import ShardedLM, TaskUnavailableError, load_tasks, run_tasks

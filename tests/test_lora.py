@@ -18,7 +18,7 @@ from data.alpaca import PROMPT_NO_INPUT, AlpacaDataError, load_alpaca, prompt_fo
 from data.config import load_config
 from data.embedded import text_path
 from data.packed import IGNORE_INDEX
-from tests.conftest import without_distributed_env
+from tests.fixtures import without_distributed_env
 from training.config import LoRAConfig
 from training.distributed import free_port
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from data.config import load_config
 from data.prepare import PrepareConfig, prepare
 from data.text import load_documents
-from tests.conftest import without_distributed_env
+from tests.fixtures import without_distributed_env
 
 ROOT = Path(__file__).resolve().parents[1]
 SUBMIT = [sys.executable, str(ROOT / "launch" / "submit.py")]

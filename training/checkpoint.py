@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.artifacts import write_json_atomic
+from data.artifacts import write_json_atomic, write_text_atomic
 from training.distributed import barrier
+from training.run_dir import tag_for
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
 TMP_PREFIX = ".tmp-"
@@ -45,10 +46,6 @@ UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 
 
 class CheckpointError(RuntimeError):
     """A committed checkpoint cannot be used to resume."""
-
-
-def tag_for(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 @dataclass(frozen=True)
@@ -129,8 +126,7 @@ class CheckpointStore:
         if self.rank == 0:
             write_json_atomic(self.directory / tmp_tag / METADATA, {"tag": tag, "step": step, **metadata})
             os.replace(self.directory / tmp_tag, final)
-            (self.directory / ".latest.tmp").write_text(tag + "\n")
-            os.replace(self.directory / ".latest.tmp", self.directory / "latest")
+            write_text_atomic(self.directory / "latest", tag + "\n")
             self.apply_retention()
         barrier()
         return final

@@ -1,7 +1,7 @@
-"""Typed configuration of continued pretraining (see configs/cpt/).
+"""Typed configuration of the training package's stages: CPT, LoRA and export (see configs/cpt/, configs/lora/).
 
-`CPTConfig` and `LoRAConfig` share `TrainingConfig` (batch layout, ZeRO, optimizer, schedule,
-checkpoints, logging). The CPT defaults are the paper's recipe (Kim et al. 2024, appendix E): AdamW betas (0.9, 0.95),
+Torch-free, so `--help` is instant. `CPTConfig` and `LoRAConfig` share `TrainingConfig` (batch
+layout, ZeRO, optimizer, schedule, checkpoints, logging). The CPT defaults are the paper's recipe (Kim et al. 2024, appendix E): AdamW betas (0.9, 0.95),
 weight decay 0.1, lr 1e-4, global batch 512 sequences of 2048 tokens, micro-batch 2, gradient
 clipping 1.0. The paper states no learning-rate schedule; ours is linear warmup over 1% of the
 steps, then cosine decay to 10% of the peak (`schedule.*`). The LoRA defaults are the paper's too (rank
@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from data.batch_layout import accumulation_steps
 from data.config import ConfigError
+from data.precision import PRECISION_DOC, Precision
 
 
 @dataclass
@@ -139,20 +141,34 @@ class ValidationSection:
             raise ConfigError("validation.every_steps and validation.sequences must be 0 or more")
 
 
+PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")
+
+
 @dataclass
 class ZeroShotSection:
-    every_steps: int = 0
-    tasks: list[str] = field(default_factory=lambda: ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy",
-                                                      "arc_challenge", "openbookqa"])
+    """lm-eval zero-shot tasks, as the evaluation stage runs them."""
+
+    tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS))
     include_path: str | None = None
-    limit: int | None = None
     batch_size: int = 8
+    limit: int | None = None
 
     __field_docs__ = {
-        "every_steps": "lm-eval zero-shot accuracy of the model in training every this many steps (0: off)",
-        "tasks": "lm-eval task names (default: the paper's seven)",
+        "tasks": "lm-eval task names; [] skips zero-shot (default: the paper's seven)",
         "include_path": "directory of extra lm-eval task YAMLs (local data); embedded:tasks has wiki_cloze",
-        "limit": "first N items per task only (faster, noisier curves)",
+        "limit": "evaluate only the first N items of each task (quick checks, noisier; not comparable to papers)",
+    }
+
+
+@dataclass
+class PeriodicZeroShotSection(ZeroShotSection):
+    """The same tasks scored on the model in training, every `every_steps` steps."""
+
+    every_steps: int = 0
+
+    __field_docs__ = {
+        **ZeroShotSection.__field_docs__,
+        "every_steps": "lm-eval zero-shot accuracy of the model in training every this many steps (0: off)",
     }
 
     def validate(self) -> None:
@@ -173,7 +189,7 @@ class TrainingConfig:
     global_batch: int = 512
     micro_batch: int = 2
     zero_stage: Literal[1, 2, 3] = 2
-    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    precision: Precision = "auto"
     activation_checkpointing: bool = False
     attn_implementation: str = "sdpa"
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
@@ -192,7 +208,7 @@ class TrainingConfig:
         "global_batch": "sequences per optimizer step = micro_batch x accumulation x data-parallel size",
         "micro_batch": "sequences per rank per forward/backward",
         "zero_stage": "DeepSpeed ZeRO stage: 1, 2 or 3",
-        "precision": "bf16 or fp32; auto = bf16 on GPU, fp32 on CPU",
+        "precision": PRECISION_DOC,
         "attn_implementation": "sdpa, eager or flash_attention_2 (packed documents use varlen on GPU)",
         "resume": "resume from the latest committed checkpoint in output_dir; false refuses to reuse it",
         "deepspeed": "extra DeepSpeed config merged over ours (e.g. {zero_optimization: {overlap_comm: true}})",
@@ -201,11 +217,7 @@ class TrainingConfig:
     def validate(self) -> None:
         if self.train_steps is not None and self.train_steps < 1:
             raise ConfigError("train_steps must be positive")
-        if self.micro_batch < 1 or self.global_batch < 1:
-            raise ConfigError("global_batch and micro_batch must be at least 1")
-        if self.global_batch % self.micro_batch:
-            raise ConfigError(f"global_batch {self.global_batch} is not a multiple of micro_batch "
-                              f"{self.micro_batch}: global = micro x accumulation x data-parallel size")
+        accumulation_steps(self.global_batch, self.micro_batch)  # the world size is checked at launch
 
 
 @dataclass
@@ -213,8 +225,9 @@ class CPTConfig(TrainingConfig):
     data: DataSection = field(default_factory=DataSection)
     train_tokens: int | None = None
     validation: ValidationSection = field(default_factory=ValidationSection)
-    zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
+    zeroshot: PeriodicZeroShotSection = field(default_factory=PeriodicZeroShotSection)
 
+    __exclusive__ = (("train_steps", "train_tokens"),)  # an override of one clears the recipe's other
     __field_docs__ = {
         **TrainingConfig.__field_docs__,
         "model": "pruned Hugging Face checkpoint (path, hub name or embedded:smollm2-135m)",
@@ -313,3 +326,14 @@ class LoRAConfig(TrainingConfig):
         if self.zero_stage == 3:
             raise ConfigError("LoRA runs with zero_stage 1 or 2: the adapters are small, and merging them needs "
                               "the whole base weights on one rank")
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: Path = Path("outputs/cpt/checkpoints/step_00001000")
+    output_dir: Path = Path("outputs/cpt-export")
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    overwrite: bool = False
+
+    __field_docs__ = {"checkpoint": "a committed checkpoint directory of a CPT or LoRA run, <run>/checkpoints/step_N",
+                      "dtype": "weights dtype of the export (training keeps fp32 master weights)"}

@@ -13,126 +13,24 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.artifacts import atomic_directory, check_output_dir, directory_fingerprint, library_versions
-from data.config import ConfigError, save_config, to_dict
+from data.config import save_config, to_dict
 from data.embedded import resolve_model, resolve_tasks
+from data.precision import resolve_device, torch_dtype
 from data.text import TextSourceError, load_documents
 from pruning.layers import count_parameters
-from pruning.run import resolve_device, resolve_dtype
 from training.checkpoint import METADATA
-from training.export import DTYPES, export_checkpoint
+from training.eval_config import EvalConfig, ModelEntry, PerplexitySection
+from training.export import export_checkpoint
 from training.latency import measure_generation
-from training.perplexity import BosPolicy, perplexity, segment_stream
+from training.perplexity import perplexity, segment_stream
 from training.preflight import check_model_path
-from training.zeroshot import PAPER_TASKS, load_tasks, run_tasks
-
-# --- config ------------------------------------------------------------------------------------
-
-
-@dataclass
-class ModelEntry:
-    name: str
-    path: str
-
-
-@dataclass
-class PerplexitySet:
-    name: str
-    source: str
-    subset: str | None = None
-    split: str = "test"
-    text_field: str = "text"
-
-
-def paper_perplexity_sets() -> list[PerplexitySet]:
-    """WikiText-2 test and PTB validation, the rows joined with blank lines, as the paper's code."""
-    return [PerplexitySet("wikitext2", "wikitext", "wikitext-2-raw-v1", "test", "text"),
-            PerplexitySet("ptb", "ptb_text_only", "penn_treebank", "validation", "sentence")]
-
-
-@dataclass
-class PerplexitySection:
-    sets: list[PerplexitySet] = field(default_factory=paper_perplexity_sets)
-    seq_lens: list[int] = field(default_factory=lambda: [128])
-    bos: BosPolicy = "once"
-    max_segments: int | None = None
-    batch_size: int = 8
-
-    __field_docs__ = {
-        "sets": "texts: [{name, source (HF dataset name or local .parquet/.jsonl/.json/.txt), subset, split, "
-                "text_field}]; [] skips perplexity",
-        "seq_lens": "segment lengths: the paper's 128, and e.g. 2048 for the common long-window variant",
-        "bos": "once: one BOS before the stream (LLaMA); every: BOS on each segment (Gemma needs it); none",
-    }
-
-
-@dataclass
-class ZeroShotSection:
-    tasks: list[str] = field(default_factory=lambda: list(PAPER_TASKS))
-    include_path: str | None = None
-    batch_size: int = 8
-    limit: int | None = None
-
-    __field_docs__ = {
-        "tasks": "lm-eval task names; [] skips zero-shot (default: the paper's seven)",
-        "include_path": "directory of extra lm-eval task YAMLs (local data); embedded:tasks has wiki_cloze",
-        "limit": "evaluate only the first N items of each task (quick checks; not comparable to papers)",
-    }
-
-
-@dataclass
-class LatencySection:
-    batch_sizes: list[int] = field(default_factory=lambda: [1])
-    input_tokens: int = 12
-    new_tokens: int = 128
-    warmup: int = 10
-    runs: int = 20
-
-    __field_docs__ = {"batch_sizes": "one measurement per batch size; [] skips latency"}
-
-
-@dataclass
-class EvalConfig:
-    model: str | None = None
-    models: list[ModelEntry] = field(default_factory=list)
-    compare: list[Path] = field(default_factory=list)
-    output_dir: Path = Path("outputs/eval")
-    overwrite: bool = False
-    device: str = "auto"
-    dtype: Literal["auto", "bf16", "fp32", "fp16"] = "auto"
-    zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
-    perplexity: PerplexitySection = field(default_factory=PerplexitySection)
-    latency: LatencySection = field(default_factory=LatencySection)
-
-    __field_docs__ = {
-        "model": "one model to evaluate (HF checkpoint, hub name, embedded:smollm2-135m, or <run>/checkpoints/step_N)",
-        "models": "several: [{name: original, path: ...}, {name: pruned, path: ...}]",
-        "compare": "results.json files of earlier evaluations to show in the same table",
-        "dtype": "auto = bf16 on GPU, fp32 on CPU",
-    }
-
-    def validate(self) -> None:
-        if self.model is not None:
-            self.models = [ModelEntry(Path(self.model).name or self.model, self.model), *self.models]
-            self.model = None
-        if not self.models and not self.compare:
-            raise ConfigError("nothing to evaluate: set model=<checkpoint> (or models=[...], or compare=[...])")
-        names = [m.name for m in self.models]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"model names must be unique, got {names}")
-        for path in self.compare:
-            if not Path(path).is_file():
-                raise ConfigError(f"compare: {path} does not exist (give results.json files of earlier evaluations)")
-        if any(n < 2 for n in self.perplexity.seq_lens) or any(b < 1 for b in self.latency.batch_sizes):
-            raise ConfigError("perplexity.seq_lens must be >= 2 and latency.batch_sizes >= 1")
-
+from training.zeroshot import load_tasks, run_tasks
 
 # --- the stage ---------------------------------------------------------------------------------
 
@@ -141,7 +39,7 @@ def resolve_checkpoint(path: str, scratch: Path) -> str:
     """A committed training checkpoint is exported to an HF checkpoint first; anything else passes."""
     resolved = resolve_model(path)
     if (Path(resolved) / METADATA).is_file():
-        return str(export_checkpoint(Path(resolved), scratch / Path(resolved).name, DTYPES["fp32"]))
+        return str(export_checkpoint(Path(resolved), scratch / Path(resolved).name, torch.float32))
     return check_model_path(resolved)
 
 
@@ -190,7 +88,7 @@ def evaluate_models(config: EvalConfig) -> Path:
     tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None) if config.zeroshot.tasks else {}
     texts = load_texts(config.perplexity)
     device = resolve_device(config.device)
-    dtype = DTYPES[config.dtype] if config.dtype != "auto" else resolve_dtype("auto", device)
+    dtype = torch_dtype(config.dtype, device)
     rows = []
     with tempfile.TemporaryDirectory(prefix="shorten-eval-") as scratch:
         paths = [resolve_checkpoint(m.path, Path(scratch)) for m in config.models]

@@ -16,25 +16,20 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
+from transformers import AutoConfig
 
 from data.alpaca import AlpacaExamples, load_alpaca, pad_collate, split_validation
-from data.artifacts import atomic_directory, library_versions, write_json_atomic
+from data.artifacts import write_json_atomic
 from data.config import ConfigError
-from data.packed import PackedLoader
+from data.loader import GlobalBatchLoader
+from data.precision import torch_dtype
 from training.config import LoRAConfig
 from training.distributed import WorldInfo, barrier
-from training.export import DTYPES
-from training.preflight import (
-    RunPlan,
-    check_model_path,
-    checkpoint_store,
-    load_tokenizer,
-    model_fingerprint,
-    plan_training,
-)
+from training.export import save_adapter_and_merged, write_lora_template
+from training.preflight import RunPlan, check_model_path, load_tokenizer, model_fingerprint, plan_training
+from training.run_dir import RunDir
 from training.trainer import Trainer, load_model, prepare_run_dir
 from training.validation import ValidationLoss
 
@@ -54,16 +49,23 @@ def plan_lora(config: LoRAConfig, world: WorldInfo) -> RunPlan:
                           "data.seed": config.data.seed, "data.cutoff_len": config.data.cutoff_len,
                           "data.train_on_inputs": config.data.train_on_inputs, "lora.r": config.lora.r})
 
+
 def build_lora_trainer(config: LoRAConfig, plan: RunPlan, should_stop: Callable[[], bool]) -> Trainer:
     rank = plan.world.rank
     tokenizer = load_tokenizer(plan.model_path)
     alpaca = load_alpaca(config.data.source, config.data.split)
     train, held_out = split_validation(alpaca.records, config.data.val_size, config.data.seed)
-    prepare_run_dir(config, checkpoint_store(config, rank), rank)
-    base = load_model(config, plan, {})
-    model = get_peft_model(base, PeftLoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha,
-                                                lora_dropout=config.lora.dropout, bias="none",
-                                                target_modules=config.lora.target_modules, task_type="CAUSAL_LM"))
+    adapters = PeftLoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+                              bias="none", target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
+
+    def template(directory: Path) -> None:  # base config + tokenizer + adapter config: exports of any checkpoint
+        AutoConfig.from_pretrained(plan.model_path).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        write_lora_template(directory, plan.model_path, adapters)
+
+    prepare_run_dir(config, rank, template)
+    run = RunDir(config.output_dir)
+    model = get_peft_model(load_model(config, plan), adapters)
     if config.activation_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -71,7 +73,7 @@ def build_lora_trainer(config: LoRAConfig, plan: RunPlan, should_stop: Callable[
     options = (tokenizer, config.data.cutoff_len, config.data.train_on_inputs)
     examples = AlpacaExamples(train, *options)
     if rank == 0:
-        write_json_atomic(config.output_dir / "data_report.json", {
+        write_json_atomic(run.data_report, {
             "source": config.data.source, "records": len(alpaca.records) + sum(alpaca.skipped.values()),
             "used": len(alpaca.records), "skipped": dict(alpaca.skipped), "train": len(train),
             "validation": len(held_out), "train_prompt_fills_cutoff": examples.truncated_away})
@@ -80,9 +82,9 @@ def build_lora_trainer(config: LoRAConfig, plan: RunPlan, should_stop: Callable[
             notes.append(f"{examples.truncated_away} training records have a prompt of {config.data.cutoff_len}+ "
                          "tokens and no response left (raise data.cutoff_len)")
         if notes:
-            print("Alpaca data: " + "; ".join(notes) + f" -- see {config.output_dir / 'data_report.json'}")
-    loader = PackedLoader(examples, config.global_batch, config.micro_batch, plan.world.world_size, rank,
-                          config.data.seed, 0, collate_fn=collate)
+            print("Alpaca data: " + "; ".join(notes) + f" -- see {run.data_report}")
+    loader = GlobalBatchLoader(examples, config.global_batch, config.micro_batch, plan.world.world_size, rank,
+                               config.data.seed, 0, collate_fn=collate)
     evaluations = []
     if config.validation.every_steps:
         evaluations.append(ValidationLoss(AlpacaExamples(held_out, *options), config.validation.sequences,
@@ -90,23 +92,10 @@ def build_lora_trainer(config: LoRAConfig, plan: RunPlan, should_stop: Callable[
 
     def export(trainer: Trainer) -> Path:
         if rank == 0:
-            save_adapter_and_merged(trainer.engine.module, tokenizer, config.output_dir, DTYPES[plan.precision],
+            save_adapter_and_merged(trainer.engine.module, tokenizer, run, torch_dtype(plan.precision),
                                     {"step": trainer.step, "fingerprints": plan.fingerprints})
         barrier()
-        return config.output_dir / "merged"
+        return run.merged
 
     return Trainer(config, plan, model, loader, should_stop, evaluations, export)
 
-
-def save_adapter_and_merged(model, tokenizer, output_dir: Path, dtype: torch.dtype, info: dict) -> None:
-    """adapter/ in PEFT's format, then merged/: the adapters folded into a plain checkpoint."""
-    with atomic_directory(output_dir / "adapter", overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    merged = model.merge_and_unload()
-    merged.config.dtype = dtype
-    with atomic_directory(output_dir / "merged", overwrite=True) as tmp:
-        merged.to(dtype).save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / "export_info.json", {**info, "versions": library_versions(),
-                                                     "dtype": str(dtype).removeprefix("torch.")})

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
+
+from data.artifacts import write_text_atomic
+from training.run_dir import RunDir
 
 
 def truncate_jsonl(path: Path, last_step: int) -> None:
@@ -26,9 +28,7 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
             continue  # a line cut short when the previous run was killed
         if record.get("step", 0) <= last_step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
 
 
 def format_eta(seconds: float) -> str:
@@ -41,11 +41,11 @@ def format_eta(seconds: float) -> str:
 class MetricsLogger:
     """Writes only on rank 0; other ranks get a logger that does nothing."""
 
-    def __init__(self, run_dir: Path, enabled: bool, start_step: int, total_steps: int, tensorboard: bool,
+    def __init__(self, run: RunDir, enabled: bool, start_step: int, total_steps: int, tensorboard: bool,
                  print_every: int):
         self.enabled, self.total_steps, self.print_every = enabled, total_steps, print_every
         self.start_step, self.started = start_step, time.perf_counter()
-        self.path = run_dir / "metrics.jsonl"
+        self.path = run.metrics
         self.writer = None
         if not enabled:
             return
@@ -53,7 +53,7 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=start_step + 1)
+            self.writer = SummaryWriter(log_dir=str(run.tensorboard), purge_step=start_step + 1)
 
     def log(self, step: int, metrics: dict[str, float | int | None]) -> None:
         if not self.enabled:

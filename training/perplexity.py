@@ -8,13 +8,12 @@ the stream is cut into non-overlapping `seq_len`-token segments; the remainder i
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-BosPolicy = Literal["once", "every", "none"]
+from training.eval_config import BosPolicy
 
 
 def segment_stream(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int,

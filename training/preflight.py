@@ -1,9 +1,9 @@
-"""Everything about a run that can be checked before any process group, model or optimizer exists.
+"""The checks every training stage (CPT, LoRA) makes before any process group, model or optimizer exists.
 
-`plan_run` is cheap (reads the model's config and tokenizer, the data manifest and the run
-directory's checkpoint metadata) and runs on every rank before distributed start-up, so a bad
-batch layout, missing data, a tokenizer mismatch or a checkpoint from another run fails in seconds
-with one clear message, identically on all ranks.
+`plan_training` is cheap (batch layout, device and precision, the run directory's checkpoint
+metadata) and runs on every rank before distributed start-up, so a bad batch layout or a
+checkpoint from another run fails in seconds with one clear message, identically on all ranks.
+The stages add their own checks (`training/cpt.plan_cpt`, `training/lora.plan_lora`).
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from data.artifacts import directory_fingerprint
+from data.batch_layout import accumulation_steps
 from data.config import ConfigError
-from data.embedded import resolve_model, resolve_tasks
-from data.packed import PackedSequences, check_batch_layout
-from data.shards import DataMismatchError, Manifest
+from data.embedded import resolve_model
+from data.precision import resolve_device, resolve_precision
+from data.shards import DataMismatchError
 from training.checkpoint import CheckpointStore, Committed
-from training.config import CPTConfig, TrainingConfig
+from training.config import TrainingConfig
 from training.distributed import WorldInfo
-from training.zeroshot import load_tasks
+from training.run_dir import RunDir
 
 
 @dataclass
@@ -37,7 +38,6 @@ class RunPlan:
     fingerprints: dict[str, str | None]
     resume_from: Committed | None
     needs_universal: bool
-    zeroshot_tasks: dict | None = None
 
 
 def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
@@ -49,7 +49,7 @@ def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
 
 
 def checkpoint_store(config: TrainingConfig, rank: int) -> CheckpointStore:
-    return CheckpointStore(config.output_dir / "checkpoints", rank, config.checkpoint.keep_last,
+    return CheckpointStore(RunDir(config.output_dir).checkpoints, rank, config.checkpoint.keep_last,
                            config.checkpoint.permanent_every)
 
 
@@ -90,14 +90,11 @@ def model_fingerprint(model_path: str) -> str:
 def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fingerprints: dict,
                   total_steps: int, seq_len: int, invariants: dict) -> RunPlan:
     """The checks and derived values every training stage shares: batch layout, device, resumption."""
-    try:
-        accumulation = check_batch_layout(config.global_batch, config.micro_batch, world.world_size, 0)
-    except ValueError as err:
-        raise ConfigError(f"{err}: choose global_batch = micro_batch x accumulation x {world.world_size} "
-                          f"processes (e.g. global_batch={config.micro_batch * world.world_size * 4})") from err
-    on_gpu = torch.cuda.is_available()
-    precision = config.precision if config.precision != "auto" else ("bf16" if on_gpu else "fp32")
-    device = torch.device("cuda", world.local_rank) if on_gpu else torch.device("cpu")
+    accumulation = accumulation_steps(config.global_batch, config.micro_batch, world.world_size)
+    device = resolve_device()
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    precision = resolve_precision(config.precision, device)
     resume_from = checkpoint_store(config, world.rank).latest()
     needs_universal = False
     if resume_from is not None:
@@ -109,28 +106,3 @@ def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fin
     return RunPlan(world, model_path, accumulation, total_steps, seq_len, precision, device, fingerprints,
                    resume_from, needs_universal)
 
-
-def plan_run(config: CPTConfig, world: WorldInfo) -> RunPlan:
-    """Continued pretraining: the shared checks, plus the token data and the periodic evaluations."""
-    model_path = check_model_path(config.model)
-    tokenizer = load_tokenizer(model_path)
-    manifest = Manifest.load(config.data.path)
-    manifest.check_tokenizer(tokenizer)
-    PackedSequences(config.data.path, config.data.seq_len, "train")  # at least one sequence
-    if config.validation.every_steps and config.validation.sequences:
-        if "validation" not in manifest.data["splits"]:
-            raise ConfigError(f"{config.data.path} has no validation split: prepare the data with "
-                              "validation_fraction > 0, or set validation.every_steps=0")
-        held_out = PackedSequences(config.data.path, config.data.seq_len, "validation")
-        if min(len(held_out), config.validation.sequences) < world.world_size:
-            raise ConfigError(f"validation needs at least one sequence per rank ({world.world_size}), the split "
-                              f"has {len(held_out)}: set validation.sequences higher or validation.every_steps=0")
-    zeroshot_tasks = None
-    if config.zeroshot.every_steps:  # datasets load now: a task unavailable offline fails before launch
-        include = resolve_tasks(config.zeroshot.include_path) if config.zeroshot.include_path else None
-        zeroshot_tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None)
-    plan = plan_training(config, world, model_path, {"data": manifest.fingerprint, "model": model_fingerprint(model_path)},
-                         config.total_steps(), config.data.seq_len,
-                         {"global_batch": config.global_batch, "data.seq_len": config.data.seq_len})
-    plan.zeroshot_tasks = zeroshot_tasks
-    return plan

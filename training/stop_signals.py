@@ -26,3 +26,8 @@ def install() -> None:
 
 def requested() -> bool:
     return bool(_received)
+
+
+def exit_code(outcome: str) -> int:
+    """The process exit code of a training outcome: 0 completed, 75 preempted (checkpoint committed)."""
+    return PREEMPTED_EXIT_CODE if outcome == "preempted" else 0

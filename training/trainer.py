@@ -1,11 +1,13 @@
-"""Continued pretraining with DeepSpeed ZeRO, readable top to bottom.
+"""The DeepSpeed trainer that continued pretraining and LoRA share, readable top to bottom.
 
-  build_cpt_trainer(config, plan, should_stop).train() -> "completed" | "preempted"
+  Trainer(config, plan, model, loader, should_stop, evaluations, exporter).train() -> "completed" | "preempted"
 
-A stage assembles its parts (model, loader, periodic evaluations, exporter; `build_cpt_trainer`
-here, `training/lora.py` for LoRA) and hands them to `Trainer`, which owns the rest: AdamW +
-schedule, the DeepSpeed engine, resumption from the latest committed checkpoint (converted to
-DeepSpeed's universal format first if the world size changed), the loop, metrics, checkpoints.
+A stage plans its run (`training/preflight.plan_training` plus its own checks) and assembles its
+parts: the model (`load_model`), a `GlobalBatchLoader`, periodic evaluations and an exporter
+(`training/cpt.py`, `training/lora.py`). `Trainer` owns the rest: its DeepSpeed config
+(`deepspeed_config`), AdamW + schedule, the engine, resumption from the latest committed
+checkpoint (converted to DeepSpeed's universal format first if the world size changed), the loop,
+metrics and checkpoints.
 
 Each step (`train`): `accumulation` micro-batches of forward/backward, one optimizer step inside
 DeepSpeed, then one all-reduce that averages the loss and lets the ranks agree on two flags: a
@@ -27,17 +29,16 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, set_seed
 
 from data.artifacts import library_versions
 from data.config import merge_dicts, save_config, to_dict
-from data.packed import PackedLoader, PackedSequences
-from training.checkpoint import CheckpointError, CheckpointStore, convert_to_universal, restore_rng, tag_for
-from training.config import CPTConfig, TrainingConfig
+from data.loader import GlobalBatchLoader
+from data.precision import torch_dtype
+from training.checkpoint import CheckpointError, CheckpointStore, convert_to_universal, restore_rng
+from training.config import TrainingConfig
 from training.distributed import all_sum, barrier, broadcast_object
-from training.export import DTYPES, TEMPLATE_DIR, export_from_engine
 from training.metrics import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
-from training.preflight import RunPlan, checkpoint_store, load_tokenizer
+from training.preflight import RunPlan, checkpoint_store
+from training.run_dir import RunDir
 from training.throughput import flops_per_token, peak_flops, peak_memory_gb
-from training.validation import ValidationLoss
-from training.zeroshot import ZeroShotEvaluation
 
 
 class PeriodicEvaluation(Protocol):
@@ -66,13 +67,14 @@ def deepspeed_config(config: TrainingConfig, plan: RunPlan) -> dict:
     return merge_dicts(ds, config.deepspeed)
 
 
-def load_model(config: TrainingConfig, plan: RunPlan, ds_config: dict) -> PreTrainedModel:
+def load_model(config: TrainingConfig, plan: RunPlan) -> PreTrainedModel:
+    """The model to train, in the run's precision (ZeRO-3: loaded straight into partitions)."""
     keep_alive = None
     if config.zero_stage == 3:  # while this object lives, from_pretrained loads into ZeRO-3 partitions
         from transformers.integrations import HfDeepSpeedConfig
 
-        keep_alive = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=DTYPES[plan.precision],
+        keep_alive = HfDeepSpeedConfig(deepspeed_config(config, plan))
+    model = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=torch_dtype(plan.precision),
                                                  attn_implementation=config.attn_implementation)
     del keep_alive
     model.config.use_cache = False
@@ -81,27 +83,31 @@ def load_model(config: TrainingConfig, plan: RunPlan, ds_config: dict) -> PreTra
     return model.to(plan.device) if config.zero_stage != 3 else model
 
 
-def prepare_run_dir(config: TrainingConfig, checkpoints: CheckpointStore, rank: int) -> None:
-    """Rank 0 creates the run directory, saves the resolved config and clears half-written checkpoints.
-    Seeds every RNG alike, so new weights (LoRA adapters) are the same on every rank and every run."""
+def prepare_run_dir(config: TrainingConfig, rank: int, template: Callable[[Path], None]) -> None:
+    """Rank 0 creates the run directory, saves the resolved config and the export template (`template`
+    writes it into the directory it is given), and clears half-written checkpoints. Seeds every RNG
+    alike, so new weights (LoRA adapters) are the same on every rank and every run."""
     set_seed(config.seed)
+    run = RunDir(config.output_dir)
     if rank == 0:
-        (config.output_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        save_config(config, config.output_dir / "config.yaml")
-        for name in checkpoints.clean_partial():
+        run.checkpoints.mkdir(parents=True, exist_ok=True)
+        save_config(config, run.config)
+        run.template.mkdir(exist_ok=True)
+        template(run.template)
+        for name in checkpoint_store(config, rank).clean_partial():
             print(f"removed {name}: a checkpoint that was being written when the last run stopped")
     barrier()
 
 
 class Trainer:
-    def __init__(self, config: TrainingConfig, plan: RunPlan, model: PreTrainedModel, loader: PackedLoader,
+    def __init__(self, config: TrainingConfig, plan: RunPlan, model: PreTrainedModel, loader: GlobalBatchLoader,
                  should_stop: Callable[[], bool], evaluations: Sequence[PeriodicEvaluation] = (),
-                 exporter: Callable[[Trainer], Path] | None = None, ds_config: dict | None = None):
+                 exporter: Callable[[Trainer], Path] | None = None):
         import deepspeed
 
         self.config, self.plan, self.should_stop = config, plan, should_stop
         self.rank, self.world_size = plan.world.rank, plan.world.world_size
-        self.run_dir = config.output_dir
+        self.run = RunDir(config.output_dir)
         self.checkpoints: CheckpointStore = checkpoint_store(config, self.rank)
         self.flops_per_token = flops_per_token(model, plan.seq_len)
         self.peak_flops = peak_flops(plan.device, plan.precision, config.logging.peak_tflops)
@@ -110,13 +116,13 @@ class Trainer:
         optimizer = build_optimizer(model, config.optimizer, fused=plan.device.type == "cuda")
         scheduler = build_scheduler(optimizer, config.schedule, plan.total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config or deepspeed_config(config, plan))
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, plan))
         self.loader, self.evaluations, self.exporter = loader, list(evaluations), exporter
         self.step, self.tokens = 0, 0
         torch.manual_seed(config.seed + self.rank)  # dropout differs per rank; a resume restores the streams
         if plan.resume_from is not None:
             self.resume()
-        self.metrics = MetricsLogger(self.run_dir, self.rank == 0, self.step, plan.total_steps,
+        self.metrics = MetricsLogger(self.run, self.rank == 0, self.step, plan.total_steps,
                                      config.logging.tensorboard, config.logging.every_steps)
         self.last_save = time.monotonic()
 
@@ -247,36 +253,3 @@ class Trainer:
         if self.exporter is not None:
             self.metrics.message(f"exported: {self.exporter(self)}")
 
-
-def build_cpt_trainer(config: CPTConfig, plan: RunPlan, should_stop: Callable[[], bool]) -> Trainer:
-    """Continued pretraining's parts: the pruned model, packed token data, held-out loss, zero-shot,
-    and a Hugging Face export of the final weights."""
-    rank = plan.world.rank
-    tokenizer = load_tokenizer(plan.model_path)
-    prepare_run_dir(config, checkpoint_store(config, rank), rank)
-    ds_config = deepspeed_config(config, plan)
-    model = load_model(config, plan, ds_config)
-    if rank == 0:  # config + tokenizer: what an export of any checkpoint needs besides the weights
-        model.config.save_pretrained(config.output_dir / TEMPLATE_DIR)
-        tokenizer.save_pretrained(config.output_dir / TEMPLATE_DIR)
-    data = config.data
-    loader = PackedLoader(PackedSequences(data.path, data.seq_len, "train", data.document_masking),
-                          config.global_batch, config.micro_batch, plan.world.world_size, rank, data.seed,
-                          data.num_workers)
-    evaluations: list[PeriodicEvaluation] = []
-    if config.validation.every_steps and config.validation.sequences:
-        held_out = PackedSequences(data.path, data.seq_len, "validation", data.document_masking)
-        evaluations.append(ValidationLoss(held_out, config.validation.sequences, config.micro_batch, plan.world,
-                                          config.validation.every_steps))
-    if plan.zeroshot_tasks is not None:
-        zeroshot = config.zeroshot
-        evaluations.append(ZeroShotEvaluation(plan.zeroshot_tasks, zeroshot.tasks, tokenizer, zeroshot.every_steps,
-                                              zeroshot.batch_size, data.seq_len, zeroshot.limit))
-
-    def export(trainer: Trainer) -> Path:
-        info = {"step": trainer.step, "tokens": trainer.tokens, "fingerprints": plan.fingerprints,
-                "source_run": str(config.output_dir)}
-        return export_from_engine(trainer.engine, config.zero_stage, rank, tokenizer,
-                                  config.output_dir / "exports" / tag_for(trainer.step), DTYPES[plan.precision], info)
-
-    return Trainer(config, plan, model, loader, should_stop, evaluations, export, ds_config)

@@ -14,7 +14,8 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import Dataset
 
-from data.packed import IGNORE_INDEX, collate
+from data.loader import collate
+from data.packed import IGNORE_INDEX
 from training.distributed import WorldInfo, all_sum
 
 

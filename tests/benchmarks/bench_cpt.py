@@ -12,7 +12,7 @@ same seed and order) and the same AdamW hyper-parameters at a constant learning 
    steps' TensorBoard records (the whole loop iteration: also the loss/flags all-reduce, the grad
    norm, metrics.jsonl and TensorBoard writes).
 2. Baseline: this file run with `--bare` under the same launcher: from_pretrained, torch AdamW as
-   the client optimizer, deepspeed.initialize, the same PackedLoader, and a loop of
+   the client optimizer, deepspeed.initialize, the same GlobalBatchLoader, and a loop of
    engine(**batch).loss / backward / step with no logging, checkpointing or validation.
 
 Reported: median s/step after 3 warm-up steps, per round and pooled, the overhead ours/bare - 1
@@ -42,7 +42,8 @@ sys.path.insert(0, str(ROOT))
 
 from data.config import load_config  # noqa: E402
 from data.embedded import smollm2_path  # noqa: E402
-from data.packed import PackedLoader, PackedSequences  # noqa: E402
+from data.loader import GlobalBatchLoader  # noqa: E402
+from data.packed import PackedSequences  # noqa: E402
 from data.prepare import PrepareConfig, prepare  # noqa: E402
 
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
@@ -72,7 +73,7 @@ def bare_loop(model_dir: str, tokens: str, out: str) -> None:
               "zero_allow_untested_optimizer": True, "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     dataset = PackedSequences(Path(tokens), SEQ_LEN, "train")
-    batches = iter(PackedLoader(dataset, GLOBAL_BATCH, MICRO_BATCH, world, rank, SEED, 0))
+    batches = iter(GlobalBatchLoader(dataset, GLOBAL_BATCH, MICRO_BATCH, world, rank, SEED, 0))
     step_s, losses = [], []
     for _ in range(STEPS):
         started = time.perf_counter()

@@ -24,7 +24,8 @@ sys.path.insert(0, str(ROOT))
 
 from data.config import load_config  # noqa: E402
 from data.embedded import smollm2_path, text_path  # noqa: E402
-from data.packed import PackedLoader, PackedSequences  # noqa: E402
+from data.loader import GlobalBatchLoader  # noqa: E402
+from data.packed import PackedSequences  # noqa: E402
 from data.prepare import PrepareConfig, prepare  # noqa: E402
 from data.text import load_documents  # noqa: E402
 
@@ -103,7 +104,7 @@ def main() -> None:
         print(f"Tokenization peak RSS: corpus {one:.0f} MB, 4x corpus {four:.0f} MB, ratio {four / one:.3f}")
 
         dataset = PackedSequences(work / "ours-1", 2048)
-        loader = iter(PackedLoader(dataset, global_batch=64, micro_batch=2, seed=0))
+        loader = iter(GlobalBatchLoader(dataset, global_batch=64, micro_batch=2, seed=0))
         next(loader)
         start = time.perf_counter()
         batches = 200
@@ -116,7 +117,7 @@ def main() -> None:
         def resume_cost(consumed: int) -> float:
             start = time.perf_counter()
             for _ in range(20):
-                next(iter(PackedLoader(dataset, 64, 2, seed=0, consumed_samples=consumed)))
+                next(iter(GlobalBatchLoader(dataset, 64, 2, seed=0, consumed_samples=consumed)))
             return (time.perf_counter() - start) / 20
 
         small_cost, large_cost = resume_cost(1_000 // 64 * 64), resume_cost(10_000_000 // 64 * 64)

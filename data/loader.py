@@ -1,0 +1,126 @@
+"""The global-batch loader that CPT and LoRA share: a seeded global order, resumable in O(1).
+
+Order: global sample position p (0, 1, 2, ... over the whole run) maps to item
+`perm_e(p mod N)` with epoch e = p // N and a fresh seeded permutation per epoch, so the data
+repeats in a new order when it runs out. A global batch is positions [s*G, (s+1)*G) for step s;
+data-parallel rank r takes the contiguous slice r*G/W .. (r+1)*G/W of it, in micro-batches. The
+order is therefore independent of the world size and of the number of loader workers.
+
+State: seed, consumed samples (and the epoch they imply), global batch and the data's
+fingerprint. Restoring it is arithmetic: no data is read or skipped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data.batch_layout import accumulation_steps
+from data.permutation import Permutation
+from data.shards import DataMismatchError
+
+
+@dataclass
+class LoaderState:
+    seed: int
+    consumed_samples: int
+    global_batch: int
+    fingerprint: str
+    epoch: int = 0
+
+
+def check_consumed(consumed_samples: int, global_batch: int) -> None:
+    if consumed_samples % global_batch:
+        raise DataMismatchError(f"consumed samples {consumed_samples} is not a whole number of global batches "
+                                f"of {global_batch}")
+
+
+class GlobalBatchSampler:
+    """Yields this rank's micro-batches of item indices from a given global position onward."""
+
+    def __init__(self, num_items: int, global_batch: int, micro_batch: int, world_size: int, rank: int,
+                 seed: int, consumed_samples: int = 0):
+        accumulation_steps(global_batch, micro_batch, world_size)
+        check_consumed(consumed_samples, global_batch)
+        self.num_items, self.global_batch, self.micro_batch = num_items, global_batch, micro_batch
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.consumed_samples = consumed_samples
+        self._permutations: dict[int, Permutation] = {}
+
+    def item_ids(self, positions: np.ndarray) -> np.ndarray:
+        epochs = positions // self.num_items
+        result = np.empty_like(positions)
+        for epoch in np.unique(epochs):
+            mask = epochs == epoch
+            perm = self._permutations.get(int(epoch))
+            if perm is None:
+                perm = self._permutations.setdefault(int(epoch), Permutation(self.num_items,
+                                                                             self.seed * 1_000_003 + int(epoch)))
+            result[mask] = perm(positions[mask] % self.num_items)
+        return result
+
+    def __iter__(self) -> Iterator[list[int]]:
+        per_rank = self.global_batch // self.world_size
+        step = self.consumed_samples // self.global_batch
+        while True:
+            first = step * self.global_batch + self.rank * per_rank
+            for micro in range(0, per_rank, self.micro_batch):
+                positions = np.arange(first + micro, first + micro + self.micro_batch, dtype=np.int64)
+                yield self.item_ids(positions).tolist()
+            step += 1
+
+
+def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
+
+
+class GlobalBatchLoader:
+    """This rank's endless stream of micro-batches, with a tiny resumable state.
+
+    Any map-style dataset with a `fingerprint` works (packed token sequences for CPT, Alpaca
+    examples for LoRA); `collate_fn` turns a micro-batch of its items into tensors.
+    """
+
+    def __init__(self, dataset: Dataset, global_batch: int, micro_batch: int, world_size: int = 1,
+                 rank: int = 0, seed: int = 0, num_workers: int = 0, consumed_samples: int = 0,
+                 collate_fn: Callable[[list[dict]], dict[str, torch.Tensor]] = collate):
+        self.dataset, self.collate_fn = dataset, collate_fn
+        self.global_batch, self.micro_batch = global_batch, micro_batch
+        self.world_size, self.rank, self.seed, self.num_workers = world_size, rank, seed, num_workers
+        self.accumulation = accumulation_steps(global_batch, micro_batch, world_size)
+        check_consumed(consumed_samples, global_batch)
+        self.consumed_samples = consumed_samples
+
+    def state_dict(self) -> dict:
+        return asdict(LoaderState(self.seed, self.consumed_samples, self.global_batch,
+                                  self.dataset.fingerprint, self.consumed_samples // len(self.dataset)))
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["fingerprint"] != self.dataset.fingerprint:
+            raise DataMismatchError("the checkpoint's data position belongs to other data (fingerprint "
+                                    "differs): resume with the data the run started with")
+        if state["global_batch"] != self.global_batch:
+            raise DataMismatchError(f"the checkpoint was trained with global batch {state['global_batch']}, "
+                                    f"not {self.global_batch}: keep the global batch to resume exactly")
+        self.seed = state["seed"]
+        self.consumed_samples = state["consumed_samples"]
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        sampler = GlobalBatchSampler(len(self.dataset), self.global_batch, self.micro_batch, self.world_size,
+                                     self.rank, self.seed, self.consumed_samples)
+        # its own generator: a DataLoader draws a seed from torch's global RNG on every iter(), which
+        # would shift the dropout stream of a resumed run against an uninterrupted one
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                            num_workers=self.num_workers, persistent_workers=False,
+                            generator=torch.Generator().manual_seed(self.seed))
+        micro = 0
+        for batch in loader:
+            micro += 1
+            if micro == self.accumulation:  # a whole global step has been handed out
+                micro = 0
+                self.consumed_samples += self.global_batch
+            yield batch

@@ -1,0 +1,94 @@
+"""Continued pretraining: its plan and its parts, on the shared DeepSpeed trainer.
+
+  plan_cpt(config, world) -> CPTPlan               cheap checks, before any process group exists
+  build_cpt_trainer(config, plan, should_stop)     pruned model, packed token data, held-out loss,
+                                                   zero-shot, Hugging Face export of the final weights
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from transformers import AutoConfig
+
+from data.config import ConfigError
+from data.embedded import resolve_tasks
+from data.loader import GlobalBatchLoader
+from data.packed import PackedSequences
+from data.precision import torch_dtype
+from data.shards import Manifest
+from training.config import CPTConfig
+from training.distributed import WorldInfo
+from training.export import export_from_engine
+from training.preflight import RunPlan, check_model_path, load_tokenizer, model_fingerprint, plan_training
+from training.run_dir import RunDir
+from training.trainer import PeriodicEvaluation, Trainer, load_model, prepare_run_dir
+from training.validation import ValidationLoss
+from training.zeroshot import ZeroShotEvaluation, load_tasks
+
+
+@dataclass
+class CPTPlan(RunPlan):
+    zeroshot_tasks: dict | None = None  # lm-eval task objects, data loaded before launch
+
+
+def plan_cpt(config: CPTConfig, world: WorldInfo) -> CPTPlan:
+    """The shared checks, plus the token data (tokenizer, size, validation split) and the zero-shot tasks."""
+    model_path = check_model_path(config.model)
+    tokenizer = load_tokenizer(model_path)
+    manifest = Manifest.load(config.data.path)
+    manifest.check_tokenizer(tokenizer)
+    PackedSequences(config.data.path, config.data.seq_len, "train")  # at least one sequence
+    if config.validation.every_steps and config.validation.sequences:
+        if "validation" not in manifest.data["splits"]:
+            raise ConfigError(f"{config.data.path} has no validation split: prepare the data with "
+                              "validation_fraction > 0, or set validation.every_steps=0")
+        held_out = PackedSequences(config.data.path, config.data.seq_len, "validation")
+        if min(len(held_out), config.validation.sequences) < world.world_size:
+            raise ConfigError(f"validation needs at least one sequence per rank ({world.world_size}), the split "
+                              f"has {len(held_out)}: set validation.sequences higher or validation.every_steps=0")
+    zeroshot_tasks = None
+    if config.zeroshot.every_steps:  # datasets load now: a task unavailable offline fails before launch
+        include = resolve_tasks(config.zeroshot.include_path) if config.zeroshot.include_path else None
+        zeroshot_tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None)
+    plan = plan_training(config, world, model_path, {"data": manifest.fingerprint, "model": model_fingerprint(model_path)},
+                         config.total_steps(), config.data.seq_len,
+                         {"global_batch": config.global_batch, "data.seq_len": config.data.seq_len})
+    return CPTPlan(**{f.name: getattr(plan, f.name) for f in fields(plan)}, zeroshot_tasks=zeroshot_tasks)
+
+
+def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[], bool]) -> Trainer:
+    """Continued pretraining's parts: the pruned model, packed token data, held-out loss, zero-shot,
+    and a Hugging Face export of the final weights."""
+    rank = plan.world.rank
+    tokenizer = load_tokenizer(plan.model_path)
+
+    def template(directory: Path) -> None:  # config + tokenizer: what an export of any checkpoint needs
+        AutoConfig.from_pretrained(plan.model_path).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    prepare_run_dir(config, rank, template)
+    model = load_model(config, plan)
+    data = config.data
+    loader = GlobalBatchLoader(PackedSequences(data.path, data.seq_len, "train", data.document_masking),
+                               config.global_batch, config.micro_batch, plan.world.world_size, rank, data.seed,
+                               data.num_workers)
+    evaluations: list[PeriodicEvaluation] = []
+    if config.validation.every_steps and config.validation.sequences:
+        held_out = PackedSequences(data.path, data.seq_len, "validation", data.document_masking)
+        evaluations.append(ValidationLoss(held_out, config.validation.sequences, config.micro_batch, plan.world,
+                                          config.validation.every_steps))
+    if plan.zeroshot_tasks is not None:
+        zeroshot = config.zeroshot
+        evaluations.append(ZeroShotEvaluation(plan.zeroshot_tasks, zeroshot.tasks, tokenizer, zeroshot.every_steps,
+                                              zeroshot.batch_size, data.seq_len, zeroshot.limit))
+
+    def export(trainer: Trainer) -> Path:
+        info = {"step": trainer.step, "tokens": trainer.tokens, "fingerprints": plan.fingerprints,
+                "source_run": str(config.output_dir)}
+        return export_from_engine(trainer.engine, config.zero_stage, rank, tokenizer,
+                                  RunDir(config.output_dir).export(trainer.step), torch_dtype(plan.precision), info)
+
+    return Trainer(config, plan, model, loader, should_stop, evaluations, export)
