@@ -8,7 +8,7 @@ export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export DS_ACCELERATOR ?= cpu
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test test-fast lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,9 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-fast: lint
+	$(PY) -m pytest tests -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	@for bench in tests/benchmarks/bench_*.py; do echo "== $$bench"; $(PY) $$bench || exit 1; done

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.embedded import resolve_text
-from data.packed import IGNORE_INDEX
+from data.nll import IGNORE_INDEX
 from data.shards import tokenizer_fingerprint
 
 PROMPT_WITH_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "

@@ -21,9 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from data.nll import IGNORE_INDEX
 from data.shards import DataMismatchError, Manifest
-
-IGNORE_INDEX = -100
 
 
 class PackedSequences(Dataset):

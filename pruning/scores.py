@@ -27,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
+from data.nll import TokenNLL
 from pruning.layers import find_decoder_layers, rebuild_without
 
 
@@ -34,10 +35,8 @@ def _batches(calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return list(calibration.split(batch_size))
 
 
-def _nll_and_count(model: nn.Module, input_ids: torch.Tensor) -> tuple[float, int]:
-    output = model(input_ids=input_ids, labels=input_ids, use_cache=False)
-    count = input_ids.shape[0] * (input_ids.shape[1] - 1)
-    return float(output.loss) * count, count
+def _add_nll(nll: TokenNLL, model: nn.Module, input_ids: torch.Tensor) -> None:
+    nll.add(model(input_ids=input_ids, labels=input_ids, use_cache=False).loss, input_ids)
 
 
 class _Skip(nn.Module):
@@ -121,8 +120,7 @@ def ppl_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size: in
     """Calibration perplexity without each block (already `removed` blocks stay out; they get nan)."""
     _, layers = find_decoder_layers(model)
     n = len(layers)
-    nll = [0.0] * n
-    count = [0] * n
+    nll = [TokenNLL() for _ in range(n)]
     candidates = [i for i in range(n) if i not in removed]
     bar = tqdm(total=len(candidates) * math.ceil(len(calibration) / batch_size), desc="ppl criterion",
                disable=not progress, leave=False)
@@ -136,12 +134,10 @@ def ppl_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size: in
                 for j, block in enumerate(layers)
             ]
             with _layers_replaced(model, replacement):
-                batch_nll, batch_count = _nll_and_count(model, batch)
-            nll[i] += batch_nll
-            count[i] += batch_count
+                _add_nll(nll[i], model, batch)
             bar.update()
     bar.close()
-    return [math.exp(nll[i] / count[i]) if i in candidates else math.nan for i in range(n)]
+    return [nll[i].perplexity if i in candidates else math.nan for i in range(n)]
 
 
 @torch.no_grad()
@@ -154,22 +150,20 @@ def ppl_scores_rebuild(model: PreTrainedModel, calibration: torch.Tensor, batch_
     for i in tqdm(blocks if blocks is not None else range(len(layers)), desc="ppl (rebuild)",
                   disable=not progress, leave=False):
         candidate = rebuild_without(model, [i])
-        nll = count = 0
+        nll = TokenNLL()
         for batch in _batches(calibration, batch_size):
-            batch_nll, batch_count = _nll_and_count(candidate, batch)
-            nll, count = nll + batch_nll, count + batch_count
-        scores.append(math.exp(nll / count))
+            _add_nll(nll, candidate, batch)
+        scores.append(nll.perplexity)
         del candidate
     return scores
 
 
 @torch.no_grad()
 def calibration_perplexity(model: nn.Module, calibration: torch.Tensor, batch_size: int = 10) -> float:
-    nll = count = 0
+    nll = TokenNLL()
     for batch in _batches(calibration, batch_size):
-        batch_nll, batch_count = _nll_and_count(model, batch)
-        nll, count = nll + batch_nll, count + batch_count
-    return math.exp(nll / count)
+        _add_nll(nll, model, batch)
+    return nll.perplexity
 
 
 def iterative_ppl_order(model: PreTrainedModel, calibration: torch.Tensor, num_remove: int,

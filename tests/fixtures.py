@@ -16,6 +16,8 @@ from data.embedded import smollm2_path, text_path
 from tests.slurm_cluster import SlurmCluster, ensure_slurm_installed
 from tests.tiny_models import ARCHITECTURES, make_tiny_model
 
+ROOT = Path(__file__).resolve().parents[1]  # the project: entry scripts and recipes are found from here
+
 
 def tiny_llama_with_tokens(root: Path, tokenizer, hidden_size: int = 64, layers: int = 4) -> Path:
     """A tiny Llama with `tokenizer` (tied embeddings, as SmolLM2) under root/model and the real C4 sample

@@ -13,8 +13,7 @@ import yaml
 from data.batch_layout import accumulation_steps
 from data.config import ConfigError, load_config, save_config
 from pruning.config import PruneConfig
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.fixtures import ROOT
 
 
 @dataclass

@@ -18,12 +18,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from data.config import load_config
-from tests.fixtures import without_distributed_env
+from tests.fixtures import ROOT, without_distributed_env
 from training.checkpoint import CheckpointStore
 from training.distributed import free_port
 from training.run_dir import tag_for
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # real DeepSpeed launches or the real SmolLM2
+
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 STEPS = 10
 COMMON = ["data.seq_len=64", "global_batch=8", "micro_batch=2", "optimizer.lr=3e-3", "data.num_workers=0",

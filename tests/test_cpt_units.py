@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 from data.config import ConfigError, load_config
 from data.prepare import PrepareConfig, prepare
 from data.shards import DataMismatchError
-from tests.fixtures import tiny_llama_with_tokens
+from tests.fixtures import ROOT, tiny_llama_with_tokens
 from training.checkpoint import METADATA, CheckpointStore
 from training.config import CPTConfig, ScheduleSection
 from training.cpt import plan_cpt
@@ -25,8 +25,6 @@ from training.optim import lr_multiplier, parameter_groups
 from training.run_dir import tag_for
 from training.throughput import flops_per_token, matmul_parameters
 from training.trainer import deepspeed_config
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")

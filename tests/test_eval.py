@@ -7,7 +7,6 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -20,13 +19,13 @@ from data.config import ConfigError, load_config
 from data.embedded import CLOZE_TASK, tasks_path
 from data.text import TextSourceError
 from pruning.layers import remove_blocks
+from tests.fixtures import ROOT
 from training.eval_config import EvalConfig
 from training.evaluate import evaluate_models, load_texts, markdown_table
 from training.latency import measure_generation
 from training.perplexity import perplexity, segment_stream
 from training.zeroshot import ShardedLM, TaskUnavailableError, load_tasks, run_tasks
 
-ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 40
 
 

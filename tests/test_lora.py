@@ -17,10 +17,12 @@ from transformers import AutoModelForCausalLM
 from data.alpaca import PROMPT_NO_INPUT, AlpacaDataError, load_alpaca, prompt_for, tokenize_example
 from data.config import load_config
 from data.embedded import text_path
-from data.packed import IGNORE_INDEX
-from tests.fixtures import without_distributed_env
+from data.nll import IGNORE_INDEX
+from tests.fixtures import ROOT, without_distributed_env
 from training.config import LoRAConfig
 from training.distributed import free_port
+
+pytestmark = pytest.mark.slow  # real DeepSpeed launches or the real SmolLM2
 
 RUN = ["model=embedded:smollm2-135m", "data.source=embedded:alpaca_en_demo.json", "data.val_size=16",
        "data.cutoff_len=96", "train_steps=4", "global_batch=4", "micro_batch=2", "optimizer.lr=1e-3",
@@ -83,6 +85,25 @@ def test_merged_model_equals_the_adapter_model(uninterrupted, smollm2_dir):
     for name, tensor in saved.items():  # the adapter reloads exactly
         match = [v for k, v in reloaded.items() if k.replace(".default", "") == name]
         assert len(match) == 1 and torch.equal(match[0], tensor), name
+
+
+def test_a_lora_checkpoint_exports_and_evaluates_like_a_cpt_one(uninterrupted, tmp_path):
+    """launch/export.py merges a checkpoint's adapters into the base named by the run's template: the final
+    checkpoint's export equals the merged/ the run wrote; launch/eval.py takes the checkpoint as it is."""
+    checkpoint = sorted((uninterrupted / "checkpoints").glob("step_*"))[-1]
+    export = subprocess.run([sys.executable, str(ROOT / "launch" / "export.py"), f"checkpoint={checkpoint}",
+                             f"output_dir={tmp_path / 'export'}", "dtype=fp32"], capture_output=True, text=True,
+                            env=without_distributed_env(os.environ), cwd=ROOT, timeout=600)
+    assert export.returncode == 0, export.stderr[-3000:]
+    exported, merged = load_file(tmp_path / "export" / "model.safetensors"), load_file(uninterrupted / "merged" /
+                                                                                        "model.safetensors")
+    assert exported.keys() == merged.keys()
+    for name, tensor in merged.items():
+        assert torch.allclose(exported[name], tensor, atol=1e-6), name
+    from training.evaluate import resolve_checkpoint
+
+    evaluated = resolve_checkpoint(str(checkpoint), tmp_path / "scratch")
+    assert AutoModelForCausalLM.from_pretrained(evaluated).config.num_hidden_layers > 0
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(distributed, uninterrupted, tmp_path):

@@ -16,9 +16,8 @@ from pruning.config import CRITERIA, PruneConfig
 from pruning.layers import LayersNotFoundError
 from pruning.run import ModelLoadError, prune
 from pruning.selection import TargetError
+from tests.fixtures import ROOT
 from tests.tiny_models import ARCHITECTURES, TINY_LAYERS, FlatConfig, FlatModel
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_config(model_dir, out, books_path, *overrides):

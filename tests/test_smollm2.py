@@ -3,16 +3,17 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from data.config import load_config
 from pruning.config import PruneConfig
 from pruning.run import prune
+from tests.fixtures import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # real DeepSpeed launches or the real SmolLM2
 
 
 def test_embedded_checkpoint_is_a_plain_hf_checkpoint(smollm2_dir, tokenizer):

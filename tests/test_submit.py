@@ -18,9 +18,8 @@ from safetensors.torch import load_file
 from data.config import load_config
 from data.prepare import PrepareConfig, prepare
 from data.text import load_documents
-from tests.fixtures import without_distributed_env
+from tests.fixtures import ROOT, without_distributed_env
 
-ROOT = Path(__file__).resolve().parents[1]
 SUBMIT = [sys.executable, str(ROOT / "launch" / "submit.py")]
 CPU_JOB = ["--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
            "--time", "10:00", "--signal-seconds", "60"]

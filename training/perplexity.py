@@ -7,12 +7,11 @@ the stream is cut into non-overlapping `seq_len`-token segments; the remainder i
 
 from __future__ import annotations
 
-import math
-
 import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from data.nll import TokenNLL
 from training.eval_config import BosPolicy
 
 
@@ -42,12 +41,8 @@ def perplexity(model: PreTrainedModel, segments: torch.Tensor, batch_size: int =
                progress: bool = False) -> float:
     """exp(mean next-token NLL over every predicted token of every segment)."""
     device = next(model.parameters()).device
-    nll = 0.0
-    count = 0
+    nll = TokenNLL()
     for batch in tqdm(segments.split(batch_size), desc="perplexity", disable=not progress, leave=False):
         batch = batch.to(device)
-        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-        tokens = batch.shape[0] * (batch.shape[1] - 1)
-        nll += float(loss) * tokens
-        count += tokens
-    return math.exp(nll / count)
+        nll.add(model(input_ids=batch, labels=batch, use_cache=False).loss, batch)
+    return nll.perplexity

@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import Dataset
 
 from data.loader import collate
-from data.packed import IGNORE_INDEX
+from data.nll import TokenNLL
 from training.distributed import WorldInfo, all_sum
 
 
@@ -32,14 +32,11 @@ class ValidationLoss:
     @torch.no_grad()
     def __call__(self, engine) -> dict[str, float]:
         engine.eval()
-        nll, tokens = 0.0, 0
+        nll = TokenNLL()
         for start in range(0, len(self.indices), self.micro_batch):
             batch = self.collate_fn([self.dataset[i] for i in self.indices[start:start + self.micro_batch]])
             batch = {k: v.to(engine.device) for k, v in batch.items()}
-            loss = engine(**batch, use_cache=False).loss
-            count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-            nll += float(loss) * count if count else 0.0
-            tokens += count
+            nll.add(engine(**batch, use_cache=False).loss, batch["labels"])
         engine.train()
-        nll, tokens = all_sum([nll, tokens], engine.device)
+        nll, tokens = all_sum([nll.total, nll.tokens], engine.device)
         return {"val.loss": nll / tokens, "val.ppl": math.exp(nll / tokens), "val.tokens": int(tokens)}
