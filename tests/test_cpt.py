@@ -212,13 +212,12 @@ def test_world_size_2_to_1_continues_on_the_exact_next_samples(inputs, reference
 def test_exported_checkpoint_has_the_engines_logits_and_offline_export_matches(inputs, tmp_path,
                                                                                 single_process_group):
     from training.config import CPTConfig
-    from training.preflight import plan_run
-    from training.trainer import build_cpt_trainer
+    from training.cpt import build_cpt_trainer, plan_cpt
 
     run_dir = tmp_path / "run"
     config = load_config(CPTConfig, None, [f"model={inputs['model']}", f"data.path={inputs['tokens']}",
                                            f"output_dir={run_dir}", *COMMON, "train_steps=3"])
-    plan = plan_run(config, single_process_group)
+    plan = plan_cpt(config, single_process_group)
     trainer = build_cpt_trainer(config, plan, should_stop=lambda: False)
     assert trainer.train() == "completed"
     ids = torch.randint(0, 49152, (2, 16), generator=torch.Generator().manual_seed(0))
