@@ -179,6 +179,30 @@ class PeriodicZeroShotSection(ZeroShotSection):
 
 
 @dataclass
+class DistillSection:
+    """Logit distillation from a teacher during CPT (Minitron's defaults: forward KL, T=1, alpha 0)."""
+
+    teacher: str | None = None
+    alpha: float = 0.0
+    temperature: float = 1.0
+    chunk: int = 8192
+
+    __field_docs__ = {
+        "teacher": "HF checkpoint of the teacher, typically the unpruned model (pruning_report.json's model); "
+                   "null: plain next-token CPT",
+        "alpha": "loss = alpha x CE + (1 - alpha) x T^2 x KL(teacher || student); 0 = logits only (Minitron)",
+        "temperature": "softmax temperature T of both models' logits in the KL",
+        "chunk": "vocabulary entries per chunk of the KL: fp32 logits are held for [tokens, chunk] at a time",
+    }
+
+    def validate(self) -> None:
+        if not 0 <= self.alpha <= 1:
+            raise ConfigError("distill.alpha must be in [0, 1] (1 = plain CE, 0 = KL only)")
+        if self.temperature <= 0 or self.chunk < 1:
+            raise ConfigError("distill.temperature must be positive and distill.chunk at least 1")
+
+
+@dataclass
 class TrainingConfig:
     """What every DeepSpeed training stage (CPT, LoRA) shares: model, batch layout, ZeRO, optimizer,
     schedule, checkpoints, logging. The stages add their data and length."""
@@ -226,6 +250,7 @@ class CPTConfig(TrainingConfig):
     train_tokens: int | None = None
     validation: ValidationSection = field(default_factory=ValidationSection)
     zeroshot: PeriodicZeroShotSection = field(default_factory=PeriodicZeroShotSection)
+    distill: DistillSection = field(default_factory=DistillSection)
 
     __exclusive__ = (("train_steps", "train_tokens"),)  # an override of one clears the recipe's other
     __field_docs__ = {

@@ -20,11 +20,12 @@ from data.packed import PackedSequences
 from data.precision import torch_dtype
 from data.shards import Manifest
 from training.config import CPTConfig
+from training.distill import DistillLoss, load_teacher
 from training.distributed import WorldInfo
 from training.export import export_from_engine
 from training.preflight import RunPlan, check_model_path, load_tokenizer, model_fingerprint, plan_training
 from training.run_dir import RunDir
-from training.trainer import PeriodicEvaluation, Trainer, load_model, prepare_run_dir
+from training.trainer import PeriodicEvaluation, Trainer, causal_lm_loss, load_model, prepare_run_dir
 from training.validation import ValidationLoss
 from training.zeroshot import ZeroShotEvaluation, load_tasks
 
@@ -53,10 +54,23 @@ def plan_cpt(config: CPTConfig, world: WorldInfo) -> CPTPlan:
     if config.zeroshot.every_steps:  # datasets load now: a task unavailable offline fails before launch
         include = resolve_tasks(config.zeroshot.include_path) if config.zeroshot.include_path else None
         zeroshot_tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None)
-    plan = plan_training(config, world, model_path, {"data": manifest.fingerprint, "model": model_fingerprint(model_path)},
-                         config.total_steps(), config.data.seq_len,
-                         {"global_batch": config.global_batch, "data.seq_len": config.data.seq_len})
+    fingerprints = {"data": manifest.fingerprint, "model": model_fingerprint(model_path)}
+    invariants = {"global_batch": config.global_batch, "data.seq_len": config.data.seq_len}
+    if config.distill.teacher:
+        teacher_path = check_teacher(config.distill.teacher, tokenizer)
+        fingerprints["teacher"] = model_fingerprint(teacher_path)
+        invariants.update({"distill.alpha": config.distill.alpha, "distill.temperature": config.distill.temperature})
+    plan = plan_training(config, world, model_path, fingerprints, config.total_steps(), config.data.seq_len, invariants)
     return CPTPlan(**{f.name: getattr(plan, f.name) for f in fields(plan)}, zeroshot_tasks=zeroshot_tasks)
+
+
+def check_teacher(teacher: str, student_tokenizer) -> str:
+    """The teacher's path; refused unless it reads text with exactly the student's tokenizer."""
+    path = check_model_path(teacher)
+    if load_tokenizer(path).get_vocab() != student_tokenizer.get_vocab():
+        raise ConfigError(f"distill.teacher {teacher} has another tokenizer than the student: distillation "
+                          "compares logits token by token, so use the model the student was pruned from")
+    return path
 
 
 def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[], bool]) -> Trainer:
@@ -91,4 +105,9 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
         return export_from_engine(trainer.engine, config.zero_stage, rank, tokenizer,
                                   RunDir(config.output_dir).export(trainer.step), torch_dtype(plan.precision), info)
 
-    return Trainer(config, plan, model, loader, should_stop, evaluations, export)
+    loss = causal_lm_loss
+    if config.distill.teacher:
+        distill = config.distill
+        loss = DistillLoss(load_teacher(config, plan, check_model_path(distill.teacher)), distill.alpha,
+                           distill.temperature, distill.chunk)
+    return Trainer(config, plan, model, loader, should_stop, evaluations, export, loss)

@@ -41,6 +41,19 @@ from training.run_dir import RunDir
 from training.throughput import flops_per_token, peak_flops, peak_memory_gb
 
 
+class TrainingLoss(Protocol):
+    """The loss of one micro-batch through the engine, with metrics to log. Metrics are averaged over
+    the micro-batches and ranks of a step, except seconds (names ending in `_s`), which are summed over
+    the micro-batches and also logged as a fraction of the step time."""
+
+    def __call__(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+
+def causal_lm_loss(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The model's own next-token cross-entropy (labels shifted inside the model)."""
+    return engine(**batch, use_cache=False).loss, {}
+
+
 class PeriodicEvaluation(Protocol):
     """Runs every `every` steps on all ranks (collectively) and returns metrics to log."""
 
@@ -67,14 +80,15 @@ def deepspeed_config(config: TrainingConfig, plan: RunPlan) -> dict:
     return merge_dicts(ds, config.deepspeed)
 
 
-def load_model(config: TrainingConfig, plan: RunPlan) -> PreTrainedModel:
-    """The model to train, in the run's precision (ZeRO-3: loaded straight into partitions)."""
+def load_model(config: TrainingConfig, plan: RunPlan, path: str | None = None) -> PreTrainedModel:
+    """The model to train (or `path`, a teacher), in the run's precision (ZeRO-3: loaded straight into
+    partitions)."""
     keep_alive = None
     if config.zero_stage == 3:  # while this object lives, from_pretrained loads into ZeRO-3 partitions
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(deepspeed_config(config, plan))
-    model = AutoModelForCausalLM.from_pretrained(plan.model_path, dtype=torch_dtype(plan.precision),
+    model = AutoModelForCausalLM.from_pretrained(path or plan.model_path, dtype=torch_dtype(plan.precision),
                                                  attn_implementation=config.attn_implementation)
     del keep_alive
     model.config.use_cache = False
@@ -102,7 +116,7 @@ def prepare_run_dir(config: TrainingConfig, rank: int, template: Callable[[Path]
 class Trainer:
     def __init__(self, config: TrainingConfig, plan: RunPlan, model: PreTrainedModel, loader: GlobalBatchLoader,
                  should_stop: Callable[[], bool], evaluations: Sequence[PeriodicEvaluation] = (),
-                 exporter: Callable[[Trainer], Path] | None = None):
+                 exporter: Callable[[Trainer], Path] | None = None, loss: TrainingLoss = causal_lm_loss):
         import deepspeed
 
         self.config, self.plan, self.should_stop = config, plan, should_stop
@@ -117,7 +131,7 @@ class Trainer:
         scheduler = build_scheduler(optimizer, config.schedule, plan.total_steps)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, plan))
-        self.loader, self.evaluations, self.exporter = loader, list(evaluations), exporter
+        self.loader, self.evaluations, self.exporter, self.loss = loader, list(evaluations), exporter, loss
         self.step, self.tokens = 0, 0
         torch.manual_seed(config.seed + self.rank)  # dropout differs per rank; a resume restores the streams
         if plan.resume_from is not None:
@@ -139,19 +153,24 @@ class Trainer:
         while self.step < total:
             lr = self.scheduler.get_last_lr()[0]
             started = time.perf_counter()
-            local_loss, local_tokens, data_wait = self.train_step(batches)
+            local_loss, local_tokens, data_wait, local_extras = self.train_step(batches)
             elapsed = time.perf_counter() - started
             self.step += 1
             timed_save = self.rank == 0 and self.config.checkpoint.every_minutes > 0 and \
                 time.monotonic() - self.last_save >= 60 * self.config.checkpoint.every_minutes
-            loss_sum, tokens, stop_votes, timed_votes = all_sum(
-                [local_loss, local_tokens, float(self.should_stop()), float(timed_save)], self.plan.device)
+            loss_sum, tokens, stop_votes, timed_votes, *extras = all_sum(
+                [local_loss, local_tokens, float(self.should_stop()), float(timed_save), *local_extras.values()],
+                self.plan.device)
             self.tokens += int(tokens)
             if not math.isfinite(loss_sum):
                 latest = self.checkpoints.latest()
                 raise FloatingPointError(f"the training loss is {loss_sum} at step {self.step}; resume from "
                                          f"{latest.path if latest else 'the start'} with a lower optimizer.lr")
             metrics = self.step_metrics(loss_sum / self.world_size, lr, tokens / elapsed, elapsed, data_wait)
+            for name, value in zip(local_extras, extras, strict=True):
+                metrics[name] = value / self.world_size
+                if name.endswith("_s"):
+                    metrics[name.removesuffix("_s") + "_fraction"] = value / self.world_size / elapsed
             self.metrics.log(self.step, metrics)
             self.metrics.progress(self.step, metrics)
             self.evaluate(self.step)
@@ -167,21 +186,25 @@ class Trainer:
         self.metrics.close()
         return "completed"
 
-    def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, int, float]:
+    def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, int, float, dict[str, float]]:
         """One optimizer step: forward/backward over the micro-batches; DeepSpeed steps at the boundary.
-        Returns this rank's mean loss, its tokens (padding excluded) and the seconds spent waiting for data."""
-        losses, tokens, data_wait = [], 0, 0.0
+        Returns this rank's mean loss, its tokens (padding excluded), the seconds spent waiting for data
+        and the loss's own metrics (see `TrainingLoss`)."""
+        losses, tokens, data_wait, extras = [], 0, 0.0, {}
         for _ in range(self.plan.accumulation):
             waited = time.perf_counter()
             batch = {k: v.to(self.plan.device, non_blocking=True) for k, v in next(batches).items()}
             data_wait += time.perf_counter() - waited
-            loss = self.engine(**batch, use_cache=False).loss
+            loss, loss_metrics = self.loss(self.engine, batch)
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach().float())
+            for name, value in loss_metrics.items():
+                share = 1 if name.endswith("_s") else 1 / self.plan.accumulation
+                extras[name] = extras.get(name, 0.0) + value * share
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        return float(torch.stack(losses).mean()), tokens, data_wait
+        return float(torch.stack(losses).mean()), tokens, data_wait, extras
 
     def step_metrics(self, loss: float, lr: float, tokens_per_s: float, elapsed: float,
                      data_wait: float) -> dict[str, float | None]:

@@ -1,0 +1,126 @@
+"""Distillation from the unpruned model during CPT: the chunked KL, the loss, exactness, refusals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data.config import ConfigError, load_config
+from data.nll import IGNORE_INDEX
+from tests.fixtures import ROOT
+from tests.test_cpt import (
+    COMMON,
+    PREEMPTED,
+    cpt_command,
+    environment,
+    exported_weights,
+    rank_process,
+    records,
+    run_cpt,
+    train_losses,
+    wait_for_step,
+)
+from training.checkpoint import CheckpointStore
+from training.config import CPTConfig
+from training.distill import chunked_kl, kd_positions
+
+
+def direct_kl(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
+    log_t, log_s = F.log_softmax(teacher / temperature, -1), F.log_softmax(student / temperature, -1)
+    return ((log_t.exp() * (log_t - log_s)).sum(-1) * weights).sum() / weights.sum()
+
+
+@pytest.mark.parametrize("temperature, chunk", [(1.0, 16), (2.0, 7), (0.5, 1000)])
+def test_chunked_kl_equals_the_direct_computation(temperature, chunk):
+    generator = torch.Generator().manual_seed(0)
+    student = (3 * torch.randn(12, 50, generator=generator)).requires_grad_()
+    teacher = 3 * torch.randn(12, 50, generator=generator)
+    weights = (torch.rand(12, generator=generator) > 0.3).float()
+    got = chunked_kl(student, teacher, weights, temperature, chunk)
+    expected = direct_kl(student, teacher, weights, temperature)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (float(got), float(expected))
+    (grad_got,) = torch.autograd.grad(got, student)
+    (grad_expected,) = torch.autograd.grad(expected, student)
+    assert torch.allclose(grad_got, grad_expected, rtol=1e-4, atol=1e-7)
+    assert not grad_got[weights == 0].any(), "rows without a label get no gradient"
+
+
+def test_chunked_kl_keeps_the_student_dtype_and_is_zero_for_equal_logits():
+    logits = torch.randn(4, 30, dtype=torch.bfloat16, requires_grad=True)
+    kl = chunked_kl(logits, logits.detach().clone(), torch.ones(4), chunk=8)
+    assert kl.dtype == torch.float32 and abs(float(kl)) < 1e-6
+    kl.backward()
+    assert logits.grad.dtype == torch.bfloat16 and float(logits.grad.abs().max()) < 1e-6
+
+
+def test_kd_positions_follow_the_labels_of_packed_documents():
+    labels = torch.tensor([[5, 6, IGNORE_INDEX, 8], [IGNORE_INDEX, 1, 2, IGNORE_INDEX]])
+    # logit i predicts label i+1: a document's first token (label -100) is never a KD target
+    assert kd_positions(labels).tolist() == [1, 0, 1, 1, 1, 0]
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(cpt_inputs, tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    from training.cpt import plan_cpt
+    from training.distributed import WorldInfo
+
+    teacher = tmp_path / "teacher"
+    AutoModelForCausalLM.from_pretrained(cpt_inputs["model"]).save_pretrained(teacher)
+    other = type(tokenizer).from_pretrained(cpt_inputs["model"])
+    other.add_tokens(["<a token the student never saw>"])
+    other.save_pretrained(teacher)
+    config = load_config(CPTConfig, None, [f"model={cpt_inputs['model']}", f"data.path={cpt_inputs['tokens']}",
+                                           f"output_dir={tmp_path / 'run'}", *COMMON, f"distill.teacher={teacher}"])
+    with pytest.raises(ConfigError, match="another tokenizer than the student"):
+        plan_cpt(config, WorldInfo(0, 0, 1))
+
+
+@pytest.mark.slow
+def test_alpha_one_is_plain_cpt_bitwise(cpt_inputs, tmp_path):
+    """With alpha=1 the KL term weighs nothing: losses and final weights equal plain CPT's bit for bit."""
+    plain, distilled = tmp_path / "plain", tmp_path / "distilled"
+    run_cpt(cpt_inputs, plain, "train_steps=4", nprocs=1)
+    run_cpt(cpt_inputs, distilled, "train_steps=4", f"distill.teacher={cpt_inputs['model']}", "distill.alpha=1",
+            nprocs=1)
+    assert train_losses(distilled) == train_losses(plain)
+    kd = [r["train.kd"] for r in records(distilled) if "train.kd" in r]
+    assert len(kd) == 4 and kd[0] == 0.0 and max(kd) > 0, "the KL is computed (and grows as the student moves)"
+    for name, tensor in exported_weights(plain, 4).items():
+        assert torch.equal(exported_weights(distilled, 4)[name], tensor), name
+
+
+@pytest.mark.slow
+def test_a_distilled_run_resumes_bitwise_on_two_ranks(cpt_inputs, tmp_path):
+    distill = [f"distill.teacher={cpt_inputs['model']}", "distill.temperature=2", "distill.alpha=0.5",
+               "distill.chunk=5000"]
+    reference = tmp_path / "reference"
+    run_cpt(cpt_inputs, reference, *distill)
+    logged = [r for r in records(reference) if "train.loss" in r]
+    assert all({"train.ce", "train.kd", "perf.teacher_s", "perf.teacher_fraction"} <= set(r) for r in logged)
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(cpt_command(cpt_inputs, run_dir, *distill), env=environment(), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(run_dir, 3, launcher)
+    rank_process(launcher, 0).send_signal(signal.SIGUSR1)
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == PREEMPTED, output[-3000:]
+    stopped = CheckpointStore(run_dir / "checkpoints", 0, 10, 0).latest().step
+    assert all(not path.name.startswith("teacher") for path in (run_dir / "checkpoints").rglob("*"))
+    run_cpt(cpt_inputs, run_dir, *distill)
+    assert 3 <= stopped < max(train_losses(reference))
+    assert train_losses(run_dir) == train_losses(reference)
+    for name, tensor in exported_weights(reference).items():
+        assert torch.equal(exported_weights(run_dir)[name], tensor), name
+
+    # ZeRO-3 partitions the teacher like the student: the same first step, to the reduction order's rounding
+    zero3 = tmp_path / "zero3"
+    run_cpt(cpt_inputs, zero3, *distill, "zero_stage=3", "checkpoint.every_steps=0", "checkpoint.export_at_end=false",
+            "validation.every_steps=0", "train_steps=2")
+    first = {name: [r[name] for r in records(zero3) if r.get("step") == 1 and name in r][0]
+             for name in ("train.ce", "train.kd")}
+    assert first == pytest.approx({name: logged[0][name] for name in first}, rel=1e-4)

@@ -1,0 +1,124 @@
+"""Knowledge distillation from the unpruned model during continued pretraining (after Minitron).
+
+  loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(teacher || student)
+
+on the same packed batch (the teacher sees the same input_ids and position_ids, so document
+masking applies to both terms), averaged over the positions whose next-token label is not ignored.
+The teacher runs forward only, without gradients, in the training precision; it never enters the
+optimizer or a checkpoint. Under ZeRO-3 it is partitioned like the student (a DeepSpeed engine
+without an optimizer), elsewhere each rank holds a replica.
+
+The KL is computed by `chunked_kl`, a custom autograd function that walks the vocabulary in
+chunks: the fp32 copies of both logit tensors ([tokens, vocab] each) are never materialised, only
+[tokens, chunk] at a time, and the backward pass writes the gradient chunk by chunk,
+(softmax(s/T) - softmax(t/T)) / T, in the student logits' dtype.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from data.nll import IGNORE_INDEX
+from training.config import TrainingConfig
+from training.preflight import RunPlan
+from training.trainer import deepspeed_config, load_model
+
+DEFAULT_CHUNK = 8192
+
+
+def _chunks(vocab: int, chunk: int) -> list[slice]:
+    return [slice(start, min(start + chunk, vocab)) for start in range(0, vocab, chunk)]
+
+
+def _logsumexp(logits: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+    """fp32 logsumexp over the last dimension of logits / T, one vocabulary chunk at a time."""
+    result = None
+    for part in _chunks(logits.shape[-1], chunk):
+        piece = torch.logsumexp(logits[:, part].float() / temperature, dim=-1)
+        result = piece if result is None else torch.logaddexp(result, piece)
+    return result
+
+
+class ChunkedKL(torch.autograd.Function):
+    """sum_i w_i KL(softmax(t_i/T) || softmax(s_i/T)) / sum_i w_i over rows i of [N, V] logits."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, temperature: float,
+                chunk: int) -> torch.Tensor:
+        lse_s = _logsumexp(student, temperature, chunk)
+        lse_t = _logsumexp(teacher, temperature, chunk)
+        per_row = torch.zeros(student.shape[0], dtype=torch.float32, device=student.device)
+        for part in _chunks(student.shape[-1], chunk):
+            log_t = teacher[:, part].float() / temperature - lse_t[:, None]
+            log_s = student[:, part].float() / temperature - lse_s[:, None]
+            per_row += (log_t.exp() * (log_t - log_s)).sum(-1)
+        weights = weights.float()
+        total = weights.sum().clamp_min(1.0)
+        ctx.save_for_backward(student, teacher, weights, lse_s, lse_t)
+        ctx.temperature, ctx.chunk, ctx.total = temperature, chunk, total
+        return (per_row * weights).sum() / total
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        student, teacher, weights, lse_s, lse_t = ctx.saved_tensors
+        temperature = ctx.temperature
+        scale = (grad_output.float() * weights / (ctx.total * temperature))[:, None]
+        grad = torch.empty_like(student)
+        for part in _chunks(student.shape[-1], ctx.chunk):
+            p_s = (student[:, part].float() / temperature - lse_s[:, None]).exp()
+            p_t = (teacher[:, part].float() / temperature - lse_t[:, None]).exp()
+            grad[:, part] = ((p_s - p_t) * scale).to(student.dtype)
+        return grad, None, None, None, None
+
+
+def chunked_kl(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, temperature: float = 1.0,
+               chunk: int = DEFAULT_CHUNK) -> torch.Tensor:
+    """Forward KL(teacher || student) per row of [N, V] logits, weighted by `weights` [N] and averaged."""
+    return ChunkedKL.apply(student, teacher.detach(), weights, temperature, chunk)
+
+
+def kd_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Weights [B*(S-1)] of the logit positions that predict a real next token (1) or not (0)."""
+    return (labels[:, 1:] != IGNORE_INDEX).reshape(-1).float()
+
+
+@dataclass
+class DistillLoss:
+    """The CPT loss with a teacher: `loss(engine, batch) -> (loss, metrics)` for the Trainer."""
+
+    teacher: torch.nn.Module
+    alpha: float
+    temperature: float
+    chunk: int = DEFAULT_CHUNK
+
+    def __call__(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        started = time.perf_counter()
+        with torch.no_grad():
+            teacher_logits = self.teacher(**{k: v for k, v in batch.items() if k != "labels"},
+                                          use_cache=False).logits
+        teacher_seconds = time.perf_counter() - started
+        output = engine(**batch, use_cache=False)
+        vocab = output.logits.shape[-1]
+        kd = chunked_kl(output.logits[:, :-1].reshape(-1, vocab), teacher_logits[:, :-1].reshape(-1, vocab),
+                        kd_positions(batch["labels"]), self.temperature, self.chunk)
+        loss = self.alpha * output.loss + (1 - self.alpha) * self.temperature ** 2 * kd
+        return loss, {"train.ce": float(output.loss.detach()), "train.kd": float(kd.detach()),
+                      "perf.teacher_s": teacher_seconds}
+
+
+def load_teacher(config: TrainingConfig, plan: RunPlan, path: str) -> torch.nn.Module:
+    """The teacher for forward passes only: frozen, in eval mode, in the training precision. Under ZeRO-3 a
+    DeepSpeed engine without an optimizer holds it partitioned like the student; elsewhere a full replica."""
+    teacher = load_model(config, plan, path)
+    teacher.requires_grad_(False)
+    if config.zero_stage == 3:
+        import deepspeed
+
+        ds_config = {k: v for k, v in deepspeed_config(config, plan).items() if k != "checkpoint"}
+        teacher = deepspeed.initialize(model=teacher, config=ds_config)[0]
+    if config.activation_checkpointing:  # nothing to recompute without gradients
+        (teacher.module if config.zero_stage == 3 else teacher).gradient_checkpointing_disable()
+    return teacher.eval()
