@@ -121,4 +121,5 @@ def load_teacher(config: TrainingConfig, plan: RunPlan, path: str) -> torch.nn.M
         teacher = deepspeed.initialize(model=teacher, config=ds_config)[0]
     if config.activation_checkpointing:  # nothing to recompute without gradients
         (teacher.module if config.zero_stage == 3 else teacher).gradient_checkpointing_disable()
-    return teacher.eval()
+    teacher.eval()  # a DeepSpeed engine's eval() returns None
+    return teacher
