@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from data.config import ConfigError, load_config
+from tests.fixtures import ROOT
 from tests.tiny_models import tiny_config
 from training.config import CPTConfig
 from training.kernels import check_kernels, speed_up
@@ -148,3 +151,19 @@ def test_liger_kernels_give_the_same_loss():
     ("NVIDIA A100 80GB PCIe", 312.0), ("Some Future GPU", None)])
 def test_peak_table_tells_the_h100_boards_apart(name, tflops):
     assert device_peak_tflops(name) == tflops
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
+    """No GPU is lent to this project's CI: the H200 benchmark runs its tiny shape here, so it is known to work."""
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, str(ROOT / "tests" / "benchmarks" / "bench_gpu.py"), "--tiny",
+                             "--paths", "sdpa,varlen,varlen+liger", "--json", str(out)],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    sdpa, varlen, liger = (report["results"][path] for path in ("sdpa", "varlen", "varlen+liger"))
+    assert sdpa["tokens_per_s"] > 0 and varlen["tokens_per_s"] > 0 and varlen["mfu"] is None  # no MFU on a CPU
+    assert varlen["losses"] == pytest.approx(sdpa["losses"], rel=1e-5) and report["losses_agree"]
+    assert "liger" in liger["refused"]
+    assert "| varlen | 2 |" in result.stdout
