@@ -53,6 +53,9 @@ def resolve_attention(name: str, device: torch.device, precision: str) -> str:
             raise ConfigError(f"attn_implementation={name} needs a CUDA GPU and the {package} package; "
                               "attn_implementation=varlen runs PyTorch's own flash varlen kernel without it")
     if name == "varlen" and on_gpu:
+        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
+            raise ConfigError(f"attn_implementation=varlen needs torch.nn.attention.varlen (this torch is "
+                              f"{torch.__version__}; the project pins 2.13): upgrade torch or use flex_attention")
         if precision not in ("bf16", "fp16"):
             raise ConfigError(f"attn_implementation=varlen runs flash kernels in bf16 or fp16, not {precision}: "
                               "set precision=bf16, or attn_implementation=sdpa")
