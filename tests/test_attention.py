@@ -12,6 +12,7 @@ from data.config import ConfigError
 from data.loader import collate
 from data.nll import IGNORE_INDEX
 from data.varlen import boundaries, flatten_documents, varlen_collate
+from tests.benchmarks.bench_gpu import packed_samples
 from tests.tiny_models import tiny_config
 from training import attention
 from training.attention import register_varlen, resolve_attention, uses_flat_batches
@@ -23,16 +24,7 @@ CPU = torch.device("cpu")
 def packed_sample(seed: int) -> dict[str, torch.Tensor]:
     """One packed sequence as PackedSequences returns it: documents of random lengths, positions restarting
     at each, the label of each document's first token ignored."""
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, VOCAB, (SEQ,), generator=generator)
-    cuts = sorted(torch.randperm(SEQ - 1, generator=generator)[:seed % 4 + 1].add(1).tolist())
-    starts = torch.tensor([0, *cuts])
-    labels = input_ids.clone()
-    labels[starts[1:]] = IGNORE_INDEX
-    reset = torch.zeros(SEQ, dtype=torch.long)
-    reset[starts] = starts
-    position_ids = torch.arange(SEQ) - torch.cummax(reset, 0).values
-    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+    return packed_samples(1, SEQ, VOCAB, seed)[0]
 
 
 def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
@@ -54,9 +46,13 @@ def loss_and_grads(attn: str, batch: dict) -> tuple[float, list[torch.Tensor]]:
     return loss.item(), [p.grad for p in model.parameters()]
 
 
-def reference(samples: list[dict]) -> tuple[float, list[torch.Tensor]]:
+def reference_batch(samples: list[dict]) -> dict:
     batch = collate(samples)
-    return loss_and_grads("eager", {**batch, "attention_mask": block_diagonal_mask(batch["position_ids"])})
+    return {**batch, "attention_mask": block_diagonal_mask(batch["position_ids"])}
+
+
+def reference(samples: list[dict]) -> tuple[float, list[torch.Tensor]]:
+    return loss_and_grads("eager", reference_batch(samples))
 
 
 PATHS = {  # what each path is fed: rows with restarting positions, or the loader's flattened form
@@ -84,15 +80,10 @@ def test_the_reference_is_each_document_run_alone():
     register_varlen()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation="eager")
-    packed = model(**reference_batch(sample), use_cache=False).logits[0]
+    packed = model(**reference_batch([sample]), use_cache=False).logits[0]
     for a, b in zip(starts[:-1], starts[1:], strict=True):
         alone = model(input_ids=sample["input_ids"][None, a:b], use_cache=False).logits[0]
         torch.testing.assert_close(packed[a:b], alone, atol=1e-5, rtol=1e-4)
-
-
-def reference_batch(sample: dict) -> dict:
-    batch = collate([sample])
-    return {**batch, "attention_mask": block_diagonal_mask(batch["position_ids"])}
 
 
 def test_without_boundaries_documents_would_attend_to_each_other():
