@@ -245,7 +245,7 @@ class TrainingConfig:
                    "the liger-kernel package)",
         "compile": "torch.compile each decoder block",
         "resume": "resume from the latest committed checkpoint in output_dir; false refuses to reuse it",
-        "deepspeed": "extra DeepSpeed config merged over ours (e.g. {zero_optimization: {overlap_comm: true}})",
+        "deepspeed": "extra DeepSpeed config merged over ours (e.g. {zero_optimization: {round_robin_gradients: true}})",
     }
 
     def validate(self) -> None:
