@@ -1,8 +1,10 @@
 """The checks every training stage (CPT, LoRA) makes before any process group, model or optimizer exists.
 
 `plan_training` is cheap (batch layout, device and precision, an attention implementation that can
-mask documents, kernel options, the run directory's checkpoint metadata) and runs on every rank before distributed start-up, so a bad batch layout or a
-checkpoint from another run fails in seconds with one clear message, identically on all ranks.
+mask documents, kernel options, the run directory's checkpoint metadata) and runs on every rank
+before distributed start-up, so a bad batch layout, an attention kernel that would let packed
+documents see each other, or a checkpoint from another run fails in seconds with one clear
+message, identically on all ranks.
 The stages add their own checks (`training/cpt.plan_cpt`, `training/lora.plan_lora`).
 """
 
