@@ -129,12 +129,19 @@ def test_flattening_hands_over_the_boundaries():
         flatten_documents({**batch, "attention_mask": torch.ones_like(position_ids)})
 
 
-def test_varlen_refuses_left_padding():
+def test_varlen_takes_right_padded_rows_and_refuses_left_padding():
+    """LoRA's batches and zero-shot requests: right-padded rows without boundaries, as sdpa with the padding mask."""
     register_varlen()
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation="varlen")
-    ids = torch.randint(0, VOCAB, (2, 8))
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
     right = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
-    model(input_ids=ids, attention_mask=right, use_cache=False)
+    logits = {}
+    for attn in ("sdpa", "varlen"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation=attn)
+        with torch.no_grad():
+            logits[attn] = model(input_ids=ids, attention_mask=right, use_cache=False).logits
+    real = right.bool()
+    torch.testing.assert_close(logits["varlen"][real], logits["sdpa"][real], atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="right-padded"):
         model(input_ids=ids, attention_mask=right.flip(1), use_cache=False)
 
