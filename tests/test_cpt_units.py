@@ -211,9 +211,20 @@ def test_flops_per_token_follows_the_palm_formula():
 
 
 def test_deepspeed_overrides_merge_over_ours(small_run):
-    config = config_for(small_run, "deepspeed={zero_optimization: {overlap_comm: true}}", "zero_stage=3")
+    config = config_for(small_run, "deepspeed={zero_optimization: {overlap_comm: false}}", "zero_stage=3")
     ds = deepspeed_config(config, plan_cpt(config, WORLD2))
     assert ds["zero_optimization"] == {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True,
-                                       "overlap_comm": True}
+                                       "overlap_comm": False, "reduce_bucket_size": 200_000_000,
+                                       "allgather_bucket_size": 200_000_000}
     assert (ds["train_batch_size"], ds["gradient_accumulation_steps"], ds["gradient_clipping"]) == (8, 2, 1.0)
     assert ds["bf16"]["enabled"] is (torch.cuda.is_available())
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("attn_implementation=flash_attention_4", "cannot be handed document boundaries"),
+    ("attn_implementation=flash_attention_2", "flash-attn"),
+    ("attn_implementation=flex_attention", "no FlexAttention backward"),
+    ("kernels=liger", "liger-kernel|CUDA GPU")])
+def test_attention_and_kernels_that_cannot_run_here_are_refused_before_launch(small_run, override, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_cpt(config_for(small_run, override), WORLD2)

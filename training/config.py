@@ -202,6 +202,29 @@ class DistillSection:
             raise ConfigError("distill.temperature must be positive and distill.chunk at least 1")
 
 
+class ZeroSection:
+    """DeepSpeed ZeRO's communication settings (`zero_stage` picks the stage). ZeRO-1 reduces gradients once
+    per optimizer step; ZeRO-2/3 reduce (scatter) them at every micro-step, which `overlap_comm` hides
+    behind the backward pass. Gradients accumulate and are reduced in fp32 by default: DeepSpeed's bf16
+    default loses precision over many accumulation steps (32 per step on one node of 8 GPUs)."""
+
+    overlap_comm: bool | None = None
+    bucket_size: int = 200_000_000
+    grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
+    reduce_dtype: Literal["fp32", "bf16"] = "fp32"
+
+    __field_docs__ = {
+        "overlap_comm": "overlap gradient reduction with the backward pass (default: on for ZeRO-2/3, off for ZeRO-1)",
+        "bucket_size": "elements per reduce and all-gather bucket (overlap_comm holds ~4.5 buckets)",
+        "grad_accum_dtype": "dtype gradients accumulate in over micro-batches (bf16/fp16 training)",
+        "reduce_dtype": "dtype gradients are all-reduced / reduce-scattered in (bf16/fp16 training)",
+    }
+
+    def validate(self) -> None:
+        if self.bucket_size < 1:
+            raise ConfigError("zero.bucket_size must be a positive number of elements, e.g. 2e8")
+
+
 @dataclass
 class TrainingConfig:
     """What every DeepSpeed training stage (CPT, LoRA) shares: model, batch layout, ZeRO, optimizer,
@@ -213,9 +236,12 @@ class TrainingConfig:
     global_batch: int = 512
     micro_batch: int = 2
     zero_stage: Literal[1, 2, 3] = 2
+    zero: ZeroSection = field(default_factory=ZeroSection)
     precision: Precision = "auto"
-    activation_checkpointing: bool = False
-    attn_implementation: str = "sdpa"
+    activation_checkpointing: bool | int = False
+    attn_implementation: str = "auto"
+    kernels: Literal["none", "liger"] = "none"
+    compile: bool = False
     optimizer: OptimizerSection = field(default_factory=OptimizerSection)
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
@@ -233,15 +259,24 @@ class TrainingConfig:
         "micro_batch": "sequences per rank per forward/backward",
         "zero_stage": "DeepSpeed ZeRO stage: 1, 2 or 3",
         "precision": PRECISION_DOC,
-        "attn_implementation": "sdpa, eager or flash_attention_2 (packed documents use varlen on GPU)",
+        "activation_checkpointing": "recompute blocks' activations in backward: true (every block), false, or N: "
+                                    "every N-th block (selective; 2 = half of them)",
+        "attn_implementation": "auto (varlen on GPU, sdpa on CPU), varlen (PyTorch's flash varlen kernel), "
+                               "flex_attention, flash_attention_2/3 (flash-attn package), sdpa or eager; "
+                               "others are refused: they cannot be handed document boundaries",
+        "kernels": "liger: Liger's fused Triton kernels (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy; GPU, "
+                   "the liger-kernel package)",
+        "compile": "torch.compile each decoder block",
         "resume": "resume from the latest committed checkpoint in output_dir; false refuses to reuse it",
-        "deepspeed": "extra DeepSpeed config merged over ours (e.g. {zero_optimization: {overlap_comm: true}})",
+        "deepspeed": "extra DeepSpeed config merged over ours (e.g. {zero_optimization: {round_robin_gradients: true}})",
     }
 
     def validate(self) -> None:
         if self.train_steps is not None and self.train_steps < 1:
             raise ConfigError("train_steps must be positive")
         accumulation_steps(self.global_batch, self.micro_batch)  # the world size is checked at launch
+        if self.activation_checkpointing < 0:
+            raise ConfigError("activation_checkpointing must be true, false or N >= 1 (every N-th block)")
 
 
 @dataclass

@@ -15,10 +15,12 @@ from transformers import AutoConfig
 
 from data.config import ConfigError
 from data.embedded import resolve_tasks
-from data.loader import GlobalBatchLoader
+from data.loader import GlobalBatchLoader, collate
 from data.packed import PackedSequences
 from data.precision import torch_dtype
 from data.shards import Manifest
+from data.varlen import varlen_collate
+from training.attention import uses_flat_batches
 from training.config import CPTConfig
 from training.distill import DistillLoss, load_teacher
 from training.distributed import WorldInfo
@@ -86,14 +88,15 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
     prepare_run_dir(config, rank, template)
     model = load_model(config, plan)
     data = config.data
+    batches = varlen_collate if uses_flat_batches(plan.attention) else collate  # boundaries for varlen kernels
     loader = GlobalBatchLoader(PackedSequences(data.path, data.seq_len, "train", data.document_masking),
                                config.global_batch, config.micro_batch, plan.world.world_size, rank, data.seed,
-                               data.num_workers)
+                               data.num_workers, collate_fn=batches)
     evaluations: list[PeriodicEvaluation] = []
     if config.validation.every_steps and config.validation.sequences:
         held_out = PackedSequences(data.path, data.seq_len, "validation", data.document_masking)
         evaluations.append(ValidationLoss(held_out, config.validation.sequences, config.micro_batch, plan.world,
-                                          config.validation.every_steps))
+                                          config.validation.every_steps, batches))
     if plan.zeroshot_tasks is not None:
         zeroshot = config.zeroshot
         evaluations.append(ZeroShotEvaluation(plan.zeroshot_tasks, zeroshot.tasks, tokenizer, zeroshot.every_steps,

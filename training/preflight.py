@@ -1,8 +1,10 @@
 """The checks every training stage (CPT, LoRA) makes before any process group, model or optimizer exists.
 
-`plan_training` is cheap (batch layout, device and precision, the run directory's checkpoint
-metadata) and runs on every rank before distributed start-up, so a bad batch layout or a
-checkpoint from another run fails in seconds with one clear message, identically on all ranks.
+`plan_training` is cheap (batch layout, device and precision, an attention implementation that can
+mask documents, kernel options, the run directory's checkpoint metadata) and runs on every rank
+before distributed start-up, so a bad batch layout, an attention kernel that would let packed
+documents see each other, or a checkpoint from another run fails in seconds with one clear
+message, identically on all ranks.
 The stages add their own checks (`training/cpt.plan_cpt`, `training/lora.plan_lora`).
 """
 
@@ -20,9 +22,11 @@ from data.config import ConfigError
 from data.embedded import resolve_model
 from data.precision import resolve_device, resolve_precision
 from data.shards import DataMismatchError
+from training.attention import resolve_attention
 from training.checkpoint import CheckpointStore, Committed
 from training.config import TrainingConfig
 from training.distributed import WorldInfo
+from training.kernels import check_kernels
 from training.run_dir import RunDir
 
 
@@ -38,6 +42,7 @@ class RunPlan:
     fingerprints: dict[str, str | None]
     resume_from: Committed | None
     needs_universal: bool
+    attention: str  # the resolved attn_implementation (training/attention.py)
 
 
 def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
@@ -95,6 +100,8 @@ def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fin
     if device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     precision = resolve_precision(config.precision, device)
+    attention = resolve_attention(config.attn_implementation, device, precision)
+    check_kernels(config.kernels, device)
     resume_from = checkpoint_store(config, world.rank).latest()
     needs_universal = False
     if resume_from is not None:
@@ -104,5 +111,5 @@ def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fin
         check_resume(config, resume_from, fingerprints, invariants)
         needs_universal = resume_from.metadata()["world_size"] != world.world_size
     return RunPlan(world, model_path, accumulation, total_steps, seq_len, precision, device, fingerprints,
-                   resume_from, needs_universal)
+                   resume_from, needs_universal, attention)
 

@@ -14,9 +14,19 @@ import resource
 import torch
 from torch import nn
 
-# Dense bf16 peak TFLOP/s per device (tensor cores, no sparsity).
-PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "H800": 989.4, "GH200": 989.4, "A100": 312.0,
-                    "A800": 312.0, "L40S": 362.1, "A10G": 70.0, "B200": 2250.0, "MI300X": 1307.4}
+# Dense bf16 peak TFLOP/s per device (tensor cores, no sparsity: half NVIDIA's "with sparsity" figures),
+# matched against torch.cuda.get_device_name in this order, so the PCIe and NVL boards (lower clocks and
+# power) are found before the SXM parts whose names are their prefix ("NVIDIA H100 80GB HBM3" is SXM).
+PEAK_BF16_TFLOPS = (
+    ("H100 PCIe", 756.5), ("H100 NVL", 835.5), ("H200 NVL", 835.5),
+    ("GH200", 989.4), ("H200", 989.4), ("H100", 989.4), ("H800", 989.4),  # SXM
+    ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("A10G", 70.0), ("B200", 2250.0), ("MI300X", 1307.4),
+)
+
+
+def device_peak_tflops(name: str) -> float | None:
+    """Dense bf16 peak TFLOP/s of a device by its CUDA name, or None when unknown."""
+    return next((tflops for key, tflops in PEAK_BF16_TFLOPS if key in name), None)
 
 
 def matmul_parameters(model: nn.Module) -> int:
@@ -35,11 +45,10 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float | No
         return override_tflops * 1e12
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in PEAK_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12 if precision == "bf16" else tflops * 1e12 / 2  # tf32 tensor cores
-    return None
+    tflops = device_peak_tflops(torch.cuda.get_device_name(device))
+    if tflops is None:
+        return None
+    return tflops * 1e12 if precision == "bf16" else tflops * 1e12 / 2  # tf32 tensor cores
 
 
 def peak_memory_gb(device: torch.device) -> float:

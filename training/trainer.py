@@ -29,11 +29,13 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, set_seed
 
 from data.artifacts import library_versions
 from data.config import merge_dicts, save_config, to_dict
-from data.loader import GlobalBatchLoader
+from data.loader import GlobalBatchLoader, to_device
 from data.precision import torch_dtype
+from training.attention import register_varlen
 from training.checkpoint import CheckpointError, CheckpointStore, convert_to_universal, restore_rng
 from training.config import TrainingConfig
 from training.distributed import all_sum, barrier, broadcast_object
+from training.kernels import speed_up
 from training.metrics import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.preflight import RunPlan, checkpoint_store
@@ -63,14 +65,26 @@ class PeriodicEvaluation(Protocol):
     def __call__(self, engine) -> dict[str, float]: ...
 
 
+def zero_settings(config: TrainingConfig, precision: str) -> dict:
+    """ZeRO's part of the DeepSpeed config: stage, overlap, buckets, and (bf16/fp16) fp32 accumulation and reduction."""
+    zero = config.zero
+    overlap = zero.overlap_comm if zero.overlap_comm is not None else config.zero_stage >= 2
+    ds = {"zero_optimization": {"stage": config.zero_stage, "overlap_comm": overlap,
+                                "reduce_bucket_size": zero.bucket_size, "allgather_bucket_size": zero.bucket_size,
+                                "stage3_gather_16bit_weights_on_model_save": config.zero_stage == 3}}
+    if precision != "fp32":
+        ds["data_types"] = {"grad_accum_dtype": zero.grad_accum_dtype}
+        ds["communication_data_type"] = zero.reduce_dtype
+    return ds
+
+
 def deepspeed_config(config: TrainingConfig, plan: RunPlan) -> dict:
     ds = {
         "train_batch_size": config.global_batch,
         "train_micro_batch_size_per_gpu": config.micro_batch,
         "gradient_accumulation_steps": plan.accumulation,
         "gradient_clipping": config.optimizer.grad_clip,
-        "zero_optimization": {"stage": config.zero_stage,
-                              "stage3_gather_16bit_weights_on_model_save": config.zero_stage == 3},
+        **zero_settings(config, plan.precision),
         "bf16": {"enabled": plan.precision == "bf16"},
         "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
         "checkpoint": {"load_universal": plan.needs_universal},
@@ -82,18 +96,19 @@ def deepspeed_config(config: TrainingConfig, plan: RunPlan) -> dict:
 
 def load_model(config: TrainingConfig, plan: RunPlan, path: str | None = None) -> PreTrainedModel:
     """The model to train (or `path`, a teacher), in the run's precision (ZeRO-3: loaded straight into
-    partitions)."""
+    partitions), with its attention implementation, kernels, compiled blocks and activation checkpointing as
+    configured."""
+    register_varlen()
     keep_alive = None
     if config.zero_stage == 3:  # while this object lives, from_pretrained loads into ZeRO-3 partitions
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(deepspeed_config(config, plan))
     model = AutoModelForCausalLM.from_pretrained(path or plan.model_path, dtype=torch_dtype(plan.precision),
-                                                 attn_implementation=config.attn_implementation)
+                                                 attn_implementation=plan.attention)
     del keep_alive
     model.config.use_cache = False
-    if config.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    speed_up(model, config.kernels, config.compile, config.activation_checkpointing)
     return model.to(plan.device) if config.zero_stage != 3 else model
 
 
@@ -193,7 +208,7 @@ class Trainer:
         losses, tokens, data_wait, extras = [], 0, 0.0, {}
         for _ in range(self.plan.accumulation):
             waited = time.perf_counter()
-            batch = {k: v.to(self.plan.device, non_blocking=True) for k, v in next(batches).items()}
+            batch = to_device(next(batches), self.plan.device)
             data_wait += time.perf_counter() - waited
             loss, loss_metrics = self.loss(self.engine, batch)
             self.engine.backward(loss)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.data import Dataset
 
-from data.loader import collate
+from data.loader import collate, to_device
 from data.nll import TokenNLL
 from training.distributed import WorldInfo, all_sum
 
@@ -35,7 +35,7 @@ class ValidationLoss:
         nll = TokenNLL()
         for start in range(0, len(self.indices), self.micro_batch):
             batch = self.collate_fn([self.dataset[i] for i in self.indices[start:start + self.micro_batch]])
-            batch = {k: v.to(engine.device) for k, v in batch.items()}
+            batch = to_device(batch, engine.device)
             nll.add(engine(**batch, use_cache=False).loss, batch["labels"])
         engine.train()
         nll, tokens = all_sum([nll.total, nll.tokens], engine.device)

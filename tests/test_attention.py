@@ -1,0 +1,159 @@
+"""Document masking on every attention path we offer, at micro-batch 1, 2 and 4: the same loss and gradients
+as the dense reference (an explicit block-diagonal causal mask through eager attention); refusal of paths
+that cannot mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from data.config import ConfigError
+from data.loader import collate
+from data.nll import IGNORE_INDEX
+from data.varlen import boundaries, flatten_documents, varlen_collate
+from tests.benchmarks.bench_gpu import packed_samples
+from tests.tiny_models import tiny_config
+from training import attention
+from training.attention import register_varlen, resolve_attention, uses_flat_batches
+
+SEQ, VOCAB = 48, 128
+CPU = torch.device("cpu")
+
+
+def packed_sample(seed: int) -> dict[str, torch.Tensor]:
+    """One packed sequence as PackedSequences returns it: documents of random lengths, positions restarting
+    at each, the label of each document's first token ignored."""
+    return packed_samples(1, SEQ, VOCAB, seed)[0]
+
+
+def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """The reference: an additive (rows, 1, seq, seq) mask, causal inside each document and closed across them."""
+    rows, seq = position_ids.shape
+    document = (position_ids == 0).cumsum(1)
+    allowed = (document[:, :, None] == document[:, None, :]) & torch.ones(seq, seq, dtype=torch.bool).tril()
+    return torch.zeros(rows, 1, seq, seq).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
+
+
+def loss_and_grads(attn: str, batch: dict) -> tuple[float, list[torch.Tensor]]:
+    register_varlen()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation=attn)
+    loss = model(**batch, use_cache=False).loss
+    if not torch.is_grad_enabled():
+        return loss.item(), []
+    loss.backward()
+    return loss.item(), [p.grad for p in model.parameters()]
+
+
+def reference_batch(samples: list[dict]) -> dict:
+    batch = collate(samples)
+    return {**batch, "attention_mask": block_diagonal_mask(batch["position_ids"])}
+
+
+def reference(samples: list[dict]) -> tuple[float, list[torch.Tensor]]:
+    return loss_and_grads("eager", reference_batch(samples))
+
+
+PATHS = {  # what each path is fed: rows with restarting positions, or the loader's flattened form
+    "sdpa": collate, "eager": collate, "varlen": varlen_collate,
+    "varlen, boundaries derived in the kernel": collate,
+}
+
+
+@pytest.mark.parametrize("micro_batch", [1, 2, 4])
+@pytest.mark.parametrize("path", list(PATHS))
+def test_every_path_masks_documents_like_the_dense_reference(path, micro_batch, monkeypatch):
+    if path == "varlen":  # the loader's boundaries must reach the kernel, not be derived again there
+        monkeypatch.setattr(attention, "_derived_boundaries", None)
+    samples = [packed_sample(seed) for seed in range(micro_batch)]
+    expected_loss, expected_grads = reference(samples)
+    loss, grads = loss_and_grads(path.split(",")[0], PATHS[path](samples))
+    assert loss == pytest.approx(expected_loss, abs=1e-5)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_the_reference_is_each_document_run_alone():
+    sample = packed_sample(3)
+    starts = (sample["position_ids"] == 0).nonzero().flatten().tolist() + [SEQ]
+    register_varlen()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation="eager")
+    packed = model(**reference_batch([sample]), use_cache=False).logits[0]
+    for a, b in zip(starts[:-1], starts[1:], strict=True):
+        alone = model(input_ids=sample["input_ids"][None, a:b], use_cache=False).logits[0]
+        torch.testing.assert_close(packed[a:b], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_without_boundaries_documents_would_attend_to_each_other():
+    """The failure the boundaries prevent: plain causal attention over packed rows gives another loss."""
+    samples = [packed_sample(seed) for seed in range(2)]
+    plain = {k: v for k, v in collate(samples).items() if k != "position_ids"}
+    with torch.no_grad():
+        assert loss_and_grads("sdpa", plain)[0] != pytest.approx(reference(samples)[0], abs=1e-4)
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_flex_attention_forward_masks_documents():
+    """FlexAttention has no CPU backward in torch 2.13: the loss is compared here, gradients on the GPU
+    (tests/benchmarks/bench_gpu.py compares the first losses of every path)."""
+    for micro_batch in (1, 2, 4):
+        samples = [packed_sample(seed) for seed in range(micro_batch)]
+        assert loss_and_grads("flex_attention", collate(samples))[0] == pytest.approx(reference(samples)[0], abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash_attention_2 needs a CUDA GPU and flash-attn")
+def test_flash_attention_2_masks_documents_from_the_flat_form():
+    pytest.importorskip("flash_attn", reason="flash-attn is not installed")
+    samples = [packed_sample(seed) for seed in range(2)]
+    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in varlen_collate(samples).items()}
+    register_varlen()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation="flash_attention_2",
+                                             dtype=torch.bfloat16).cuda()
+    assert model(**batch, use_cache=False).loss.item() == pytest.approx(reference(samples)[0], abs=3e-2)
+
+
+def test_flattening_hands_over_the_boundaries():
+    position_ids = torch.tensor([[0, 1, 2, 0, 1], [3, 4, 0, 1, 2]])  # a row may start inside a document
+    found = boundaries(position_ids)
+    assert found["cu_seq_lens_q"].tolist() == [0, 3, 5, 7, 10] and found["max_length_q"] == 3
+    assert found["cu_seq_lens_q"].dtype == torch.int32 and found["cu_seq_lens_k"] is found["cu_seq_lens_q"]
+    batch = {"input_ids": position_ids + 10, "labels": position_ids + 10, "position_ids": position_ids}
+    flat = flatten_documents(batch)
+    assert flat["input_ids"].shape == (1, 10)
+    assert flat["labels"][0].tolist() == [IGNORE_INDEX, 11, 12, 10, 11, IGNORE_INDEX, 14, 10, 11, 12]
+    with pytest.raises(ValueError, match="padding"):
+        flatten_documents({**batch, "attention_mask": torch.ones_like(position_ids)})
+
+
+def test_varlen_takes_right_padded_rows_and_refuses_left_padding():
+    """LoRA's batches and zero-shot requests: right-padded rows without boundaries, as sdpa with the padding mask."""
+    register_varlen()
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    right = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
+    logits = {}
+    for attn in ("sdpa", "varlen"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation=attn)
+        with torch.no_grad():
+            logits[attn] = model(input_ids=ids, attention_mask=right, use_cache=False).logits
+    real = right.bool()
+    torch.testing.assert_close(logits["varlen"][real], logits["sdpa"][real], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="right-padded"):
+        model(input_ids=ids, attention_mask=right.flip(1), use_cache=False)
+
+
+def test_paths_that_cannot_mask_are_refused():
+    assert resolve_attention("auto", CPU, "fp32") == "sdpa"
+    assert uses_flat_batches("varlen") and uses_flat_batches("flash_attention_2") and not uses_flat_batches("sdpa")
+    with pytest.raises(ConfigError, match="cannot be handed document boundaries"):
+        resolve_attention("flash_attention_4", CPU, "fp32")
+    with pytest.raises(ConfigError, match="cannot be handed document boundaries"):
+        resolve_attention("kernels-community/flash-attn2", CPU, "fp32")
+    with pytest.raises(ConfigError, match="flash-attn"):
+        resolve_attention("flash_attention_2", CPU, "fp32")
+    with pytest.raises(ConfigError, match="no FlexAttention backward"):
+        resolve_attention("flex_attention", CPU, "fp32")
