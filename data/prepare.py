@@ -342,7 +342,7 @@ def _run_tasks(todo: list[tuple[int, int, str]], tokenizer_path: str, settings: 
             documents += sum(r["documents"] for r in result["records"].values())
             assembler.add(group_of[result["index"]], result["index"], result["records"])
         elapsed = max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix(docs_s=f"{documents / elapsed:,.0f}", tokens_s=f"{tokens / elapsed:,.0f}")
+        bar.set_postfix(docs_s=f"{documents / elapsed:,.0f}", tokens_s=f"{tokens / elapsed:,.0f}", refresh=False)
         bar.update()
 
     if workers == 1 or len(tasks) <= 1:

@@ -117,7 +117,7 @@ def assemble_shard(directory: Path, name: str, pieces: list[tuple[Path, dict]]) 
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{name}.tokens.tmp"
     digest = hashlib.sha256()
-    offsets, set_ids, sets = [np.zeros(1, dtype=np.int64)], [], {}
+    offsets, set_ids, sets, total = [np.zeros(1, dtype=np.int64)], [], {}, 0
     with open(tmp, "wb") as out:
         for piece_dir, record in pieces:
             base = piece_dir / record["name"]
@@ -125,7 +125,8 @@ def assemble_shard(directory: Path, name: str, pieces: list[tuple[Path, dict]]) 
                 while block := source.read(_COPY_BLOCK):
                     digest.update(block)
                     out.write(block)
-            offsets.append(np.load(f"{base}.docs.npy")[1:] + offsets[-1][-1])
+            offsets.append(np.load(f"{base}.docs.npy")[1:] + total)
+            total += record["tokens"]
             remap = np.asarray([sets.setdefault(s, len(sets)) for s in record["sets"]], dtype=np.uint16)
             set_ids.append(remap[np.load(f"{base}.sets.npy")])
     all_offsets = np.concatenate(offsets)

@@ -263,3 +263,32 @@ def test_a_file_that_is_not_zstd_fails_with_its_name(smollm2_dir, tmp_path):
     with pytest.raises(CorpusError, match="example_train_0.jsonl.zst: corrupt or truncated zstd"):
         prepare(_config(garbage, tmp_path / "tok", smollm2_dir))
     assert not (tmp_path / "tok" / "manifest.json").exists()
+
+
+def _mapped_files(under: Path) -> set[str]:
+    """Files under `under` that this process has memory-mapped or open."""
+    maps = {line.split(maxsplit=5)[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+            if len(line.split(maxsplit=5)) == 6}
+    fds = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+           if os.path.exists(f"/proc/self/fd/{fd}")}
+    return {path for path in maps | fds if path.startswith(str(under))}
+
+
+def test_a_reader_keeps_at_most_max_open_shards_mapped(tokens_dir):
+    """Random reads over 3 shards with one shard open at a time: the same sequences as with all open,
+    and never more than that shard's token and offset files mapped."""
+    from data.shards import Manifest
+
+    assert Manifest.load(tokens_dir).data is Manifest.load(tokens_dir).data  # parsed once per process
+    narrow = PackedSequences(tokens_dir, 64, max_open_shards=1)
+    assert len(narrow.manifest.shards("train")) == 3 and not _mapped_files(tokens_dir)
+    order = np.random.default_rng(0).permutation(len(narrow))[:200]
+    seen, most = [], 0
+    for index in order:
+        seen.append(narrow[int(index)])
+        most = max(most, len(_mapped_files(tokens_dir)))
+    assert most == 2
+    wide = PackedSequences(tokens_dir, 64)
+    for index, sample in zip(order, seen, strict=True):
+        assert all(torch.equal(sample[k], wide[int(index)][k]) for k in sample)
+    assert len(_mapped_files(tokens_dir)) == 6
