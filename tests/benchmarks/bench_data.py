@@ -76,15 +76,22 @@ def baseline(paths: list[Path], workers: int, cache: Path) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-_MEMORY_CHILD = """
-import json, resource, sys
+# A child's own peak: VmHWM (ru_maxrss can carry the parent's peak across fork + exec).
+_PEAK_RSS = """
+def peak_rss_mb():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+"""
+
+_MEMORY_CHILD = _PEAK_RSS + """
+import json, sys
 sys.path.insert(0, {root!r})
 from data.config import load_config
 from data.prepare import PrepareConfig, prepare
 config = load_config(PrepareConfig, None, ["inputs=[{inputs}]", "output_dir={out}", "num_workers=1",
                                            "tokenizer={tokenizer}"])
 prepare(config)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+print(json.dumps(peak_rss_mb()))
 """
 
 
@@ -165,7 +172,7 @@ def write_slimpajama_shape(out: Path) -> dict:
     return manifest
 
 
-_RANK_CHILD = """
+_RANK_CHILD = _PEAK_RSS + """
 import json, os, sys, time
 start = time.perf_counter()
 sys.path.insert(0, {root!r})
@@ -184,10 +191,6 @@ for _ in range(100):
     next(batches)
 for i in range(rank, rank + 64):
     held_out[i * 997 % len(held_out)]
-
-def peak_rss_mb():  # VmHWM: this process's own peak (ru_maxrss can carry the parent's across exec)
-    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    return int(line.split()[1]) / 1024
 
 def held(pid):
     maps = {{l.split(maxsplit=5)[-1] for l in open(f"/proc/{{pid}}/maps") if len(l.split(maxsplit=5)) == 6}}
