@@ -1,8 +1,13 @@
 """The data stage: tokenize a corpus in parallel into token shards with a manifest.
 
-One input file becomes one shard per split (train, and validation when `validation_fraction` > 0),
-so work divides across processes and Slurm array tasks by file, and a re-run skips every shard
-whose record exists. The manifest is written last: its presence means the data set is complete.
+Input files are taken in sorted order and grouped, consecutively, into shards of about
+`shard_tokens` tokens (estimated from the files' sizes, so the grouping is known before any file is
+read and does not depend on workers or array parts). Each input file is tokenized on its own into a
+piece (one per split); when every file of a group has its piece, the pieces are concatenated in file
+order into the group's shard and deleted. A re-run redoes only the files without a piece and the
+groups without a shard; the output is the same whatever was interrupted and whatever the number of
+workers. Slurm array parts take whole groups (round-robin), so they write disjoint shards. The
+manifest is written last: its presence means the data set is complete.
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ from data.shards import (
     FORMAT,
     MANIFEST,
     DataMismatchError,
-    ShardWriter,
+    PieceWriter,
+    assemble_shard,
     manifest_fingerprint,
-    read_shard_record,
+    read_record,
+    remove_arrays,
+    shard_summary,
     token_dtype,
     tokenizer_fingerprint,
 )
@@ -39,7 +47,11 @@ from data.shards import (
 log = logging.getLogger(__name__)
 SPLITS = ("train", "validation")
 RUN_RECORD = "prepare_run.json"
+PIECES = "pieces"
 _MAX_BATCH_CHARS = 1 << 21  # bounds the tokenizer's working memory when documents are whole books
+# Tokens per byte of input, to group files into shards before reading them: SlimPajama-627B holds
+# 627e9 LLaMA tokens in 895 GB of .jsonl.zst; uncompressed English text is ~4 bytes per token.
+_TOKENS_PER_BYTE = {"zst": 0.7, "plain": 0.25}
 
 
 @dataclass
@@ -55,6 +67,7 @@ class PrepareConfig:
     include_sets: list[str] = field(default_factory=list)
     exclude_sets: list[str] = field(default_factory=list)
     validation_fraction: float = 0.0
+    shard_tokens: int = 1_000_000_000
     num_workers: int = 2
     batch_documents: int = 256
     shard_index: int = 0
@@ -68,6 +81,7 @@ class PrepareConfig:
         "include_sets": "keep only these source sets (meta.redpajama_set_name), e.g. [RedPajamaC4]",
         "exclude_sets": "drop these source sets, e.g. [RedPajamaGithub]",
         "validation_fraction": "share of documents held out (by a hash of the text) into the validation split",
+        "shard_tokens": "about this many train tokens per shard (1e9 = 2 GB of uint16), from whole input files",
         "shard_index": "this part's index when the corpus is split across num_shards jobs (Slurm array)",
         "merge": "only merge the manifests of num_shards finished parts into manifest.json",
     }
@@ -75,8 +89,8 @@ class PrepareConfig:
     def validate(self) -> None:
         if not 0 <= self.validation_fraction < 1:
             raise ConfigError("validation_fraction must be in [0, 1)")
-        if self.num_workers < 1 or self.batch_documents < 1:
-            raise ConfigError("num_workers and batch_documents must be at least 1")
+        if self.num_workers < 1 or self.batch_documents < 1 or self.shard_tokens < 1:
+            raise ConfigError("num_workers, batch_documents and shard_tokens must be at least 1")
         if not 0 <= self.shard_index < self.num_shards:
             raise ConfigError(f"shard_index must be in 0..num_shards-1 (got {self.shard_index} of {self.num_shards})")
         if self.include_sets and self.exclude_sets:
@@ -87,6 +101,22 @@ def _part_name(config: PrepareConfig) -> str:
     if config.num_shards == 1:
         return MANIFEST
     return f"manifest.part-{config.shard_index:05d}-of-{config.num_shards:05d}.json"
+
+
+def _name(index: int) -> str:
+    return f"{index:06d}"
+
+
+def plan_shards(files: list[Path], shard_tokens: int) -> list[int]:
+    """Index of each shard's first input file: consecutive files until their estimated tokens reach
+    `shard_tokens`. It depends on the file list and sizes only, so every array part agrees on it."""
+    starts, estimate = [0], 0.0
+    for index, path in enumerate(files):
+        if estimate >= shard_tokens:
+            starts.append(index)
+            estimate = 0.0
+        estimate += path.stat().st_size * _TOKENS_PER_BYTE["zst" if path.name.endswith(".zst") else "plain"]
+    return starts
 
 
 # --- worker side -----------------------------------------------------------------------------
@@ -127,11 +157,10 @@ def _encode(texts: list[str]) -> list[list[int]]:
 
 
 def _tokenize_file(task: tuple[int, str]) -> dict:
-    """Tokenize one input file into its shards; returns their records or the error."""
+    """Tokenize one input file into its pieces (one per split); returns their records or the error."""
     index, path = task
     out, dtype = Path(_WORKER["output_dir"]), np.dtype(_WORKER["dtype"])
-    name = f"{index:06d}"
-    writers = {split: ShardWriter(out / split, name, dtype) for split in _WORKER["splits"]}
+    writers = {split: PieceWriter(out / PIECES / split, _name(index), dtype) for split in _WORKER["splits"]}
     skipped: Counter = Counter()
     filtered: Counter = Counter()
     try:
@@ -141,7 +170,7 @@ def _tokenize_file(task: tuple[int, str]) -> dict:
         def flush() -> None:
             for (text, source_set), ids in zip(batch, _encode([t for t, _ in batch]), strict=True):
                 split = "validation" if _is_validation(text, _WORKER["validation_fraction"]) else "train"
-                writers[split].add(ids, source_set)
+                writers[split].add(np.asarray(ids, dtype=dtype), source_set)
             batch.clear()
 
         for doc in read_documents(Path(path), skipped, _WORKER["text_field"], _WORKER["set_field"]):
@@ -164,12 +193,15 @@ def _tokenize_file(task: tuple[int, str]) -> dict:
 
 # --- driver side -----------------------------------------------------------------------------
 
-def _check_run_record(config: PrepareConfig, out: Path, fingerprint: str, files: list[Path]) -> None:
-    """A resumed run must be the same run: same tokenizer, framing, filters and inputs."""
+def _check_run_record(config: PrepareConfig, out: Path, fingerprint: str, files: list[Path]) -> list[int]:
+    """A resumed run must be the same run: same tokenizer, framing, filters, inputs and shard size.
+    Returns the shard plan (first input file of each shard), fixed by the first run: a re-downloaded
+    file of another size must not move files between shards that are already written."""
     record = {"tokenizer_fingerprint": fingerprint, "add_bos": config.add_bos, "add_eos": config.add_eos,
               "include_sets": config.include_sets, "exclude_sets": config.exclude_sets,
               "validation_fraction": config.validation_fraction, "text_field": config.text_field,
-              "inputs": [str(f) for f in files], "num_shards": config.num_shards}
+              "shard_tokens": config.shard_tokens, "inputs": [str(f) for f in files],
+              "num_shards": config.num_shards}
     path = out / RUN_RECORD
     if path.exists():
         previous = json.loads(path.read_text())
@@ -177,9 +209,47 @@ def _check_run_record(config: PrepareConfig, out: Path, fingerprint: str, files:
         if changed:
             raise DataMismatchError(f"{out} holds an unfinished run with different settings ({', '.join(changed)}); "
                                     "use the same settings to continue it, or another output_dir")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, record)
+        return previous["shard_starts"]
+    out.mkdir(parents=True, exist_ok=True)
+    record["shard_starts"] = plan_shards(files, config.shard_tokens)
+    write_json_atomic(path, record)
+    return record["shard_starts"]
+
+
+class _ShardAssembler:
+    """Turns finished pieces into shards as soon as every input file of a shard has its piece."""
+
+    def __init__(self, out: Path, splits: list[str], groups: dict[int, range]):
+        self.out, self.splits, self.groups = out, splits, groups
+        self.pieces: dict[int, dict[str, dict]] = {}
+        self.shards: dict[int, dict[str, dict]] = {}
+
+    def finished_shard(self, group: int) -> dict[str, dict] | None:
+        records = {split: read_record(self.out / split, _name(group)) for split in self.splits}
+        return {s: shard_summary(r) for s, r in records.items()} if all(records.values()) else None
+
+    def finished_piece(self, index: int) -> dict[str, dict] | None:
+        records = {split: read_record(self.out / PIECES / split, _name(index)) for split in self.splits}
+        return records if all(records.values()) else None
+
+    def add(self, group: int, index: int, records: dict[str, dict]) -> None:
+        self.pieces[index] = records
+        if all(i in self.pieces for i in self.groups[group]):
+            self.assemble(group)
+
+    def assemble(self, group: int) -> None:
+        files = self.groups[group]
+        self.shards[group] = {
+            split: assemble_shard(self.out / split, _name(group),
+                                  [(self.out / PIECES / split, self.pieces[i][split]) for i in files])
+            for split in self.splits}
+        self.remove_pieces(files)
+
+    def remove_pieces(self, files: range) -> None:
+        for index in files:
+            self.pieces.pop(index, None)
+            for split in self.splits:
+                remove_arrays(self.out / PIECES / split, _name(index))
 
 
 def prepare(config: PrepareConfig) -> Path:
@@ -194,60 +264,95 @@ def prepare(config: PrepareConfig) -> Path:
                                   "or set overwrite=true to tokenize again")
         shutil.rmtree(out)
     files = discover_inputs([resolve_text(s) for s in config.inputs], config.input_split)
-    mine = [(i, str(f)) for i, f in enumerate(files) if i % config.num_shards == config.shard_index]
     from transformers import AutoTokenizer
 
     tokenizer_path = resolve_model(config.tokenizer)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     fingerprint = tokenizer_fingerprint(tokenizer)
-    _check_run_record(config, out, fingerprint, files)
+    starts = _check_run_record(config, out, fingerprint, files)
+    bounds = [*starts, len(files)]
+    groups = {g: range(bounds[g], bounds[g + 1]) for g in range(len(starts)) if g % config.num_shards == config.shard_index}
     splits = ["train", "validation"] if config.validation_fraction > 0 else ["train"]
     dtype = token_dtype(len(tokenizer))
     settings = {"output_dir": str(out), "dtype": dtype.str, "splits": splits,
                 **{k: getattr(config, k) for k in ("add_bos", "add_eos", "include_sets", "exclude_sets",
                                                     "validation_fraction", "text_field", "set_field",
                                                     "batch_documents")}}
-    done = {i: {s: read_shard_record(out / s, f"{i:06d}") for s in splits} for i, _ in mine}
-    done = {i: r for i, r in done.items() if all(r.values())}
-    todo = [task for task in mine if task[0] not in done]
-    if done:
-        log.warning("continuing in %s: %d of %d files already tokenized", out, len(done), len(mine))
-    errors = _run_tasks(todo, tokenizer_path, settings, config.num_workers, done)
+    assembler = _ShardAssembler(out, splits, groups)
+    todo = _resume(assembler, files)
+    errors = _run_tasks(todo, tokenizer_path, settings, config.num_workers, assembler)
     if errors:
-        raise CorpusError(f"{len(errors)} input file(s) failed (finished shards are kept; fix or remove them and "
+        raise CorpusError(f"{len(errors)} input file(s) failed (finished files are kept; fix or remove them and "
                           "run again):\n" + "\n".join(errors[:20]))
-    manifest = build_manifest(config, tokenizer, fingerprint, dtype, [done[i] for i, _ in mine], len(files))
-    write_json_atomic(manifest_path, manifest)
+    if config.num_shards == 1:
+        _remove_empty_pieces(out)
+    info = {"name": config.tokenizer, "fingerprint": fingerprint, "bos_id": tokenizer.bos_token_id,
+            "eos_id": tokenizer.eos_token_id, "vocab_size": len(tokenizer)}
+    shards = {split: [assembler.shards[g][split] for g in sorted(groups)] for split in splits}
+    write_json_atomic(manifest_path, build_manifest(config, info, dtype, shards, len(files)))
     return manifest_path
 
 
-def _run_tasks(todo: list[tuple[int, str]], tokenizer_path: str, settings: dict, workers: int,
-               done: dict) -> list[str]:
+def _resume(assembler: _ShardAssembler, files: list[Path]) -> list[tuple[int, int, str]]:
+    """Take over what an interrupted run finished; returns the (group, file index, path) still to do."""
+    todo, kept = [], 0
+    for group, indices in assembler.groups.items():
+        shard = assembler.finished_shard(group)
+        if shard is not None:  # its pieces may outlive it if the run stopped right after writing it
+            assembler.shards[group] = shard
+            assembler.remove_pieces(indices)
+            kept += len(indices)
+            continue
+        for index in indices:
+            records = assembler.finished_piece(index)
+            if records is None:
+                todo.append((group, index, str(files[index])))
+            else:
+                assembler.pieces[index] = records
+                kept += 1
+        if all(i in assembler.pieces for i in indices):
+            assembler.assemble(group)
+    if kept:
+        log.warning("continuing in %s: %d of %d files already tokenized", assembler.out, kept,
+                    kept + len(todo))
+    return todo
+
+
+def _remove_empty_pieces(out: Path) -> None:
+    for directory in [*sorted((out / PIECES).glob("*")), out / PIECES]:
+        if directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+
+
+def _run_tasks(todo: list[tuple[int, int, str]], tokenizer_path: str, settings: dict, workers: int,
+               assembler: _ShardAssembler) -> list[str]:
     errors = []
     tokens = documents = 0
     start = time.perf_counter()
-    bar = tqdm(total=len(todo), desc="tokenizing", unit="file")
+    group_of = {index: group for group, index, _ in todo}
+    tasks = [(index, path) for _, index, path in todo]
+    bar = tqdm(total=len(tasks), desc="tokenizing", unit="file")
 
     def collect(result: dict) -> None:
         nonlocal tokens, documents
         if "error" in result:
             errors.append(result["error"])
         else:
-            done[result["index"]] = result["records"]
             tokens += sum(r["tokens"] for r in result["records"].values())
             documents += sum(r["documents"] for r in result["records"].values())
+            assembler.add(group_of[result["index"]], result["index"], result["records"])
         elapsed = max(time.perf_counter() - start, 1e-9)
-        bar.set_postfix(docs_s=f"{documents / elapsed:,.0f}", tokens_s=f"{tokens / elapsed:,.0f}")
+        bar.set_postfix(docs_s=f"{documents / elapsed:,.0f}", tokens_s=f"{tokens / elapsed:,.0f}", refresh=False)
         bar.update()
 
-    if workers == 1 or len(todo) <= 1:
+    if workers == 1 or len(tasks) <= 1:
         _init_worker(tokenizer_path, settings)
-        for task in todo:
+        for task in tasks:
             collect(_tokenize_file(task))
     else:
         context = multiprocessing.get_context("spawn")
         with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path, settings)) as pool:
-            for result in pool.imap_unordered(_tokenize_file, todo):
+            for result in pool.imap_unordered(_tokenize_file, tasks):
                 collect(result)
     bar.close()
     return errors
@@ -276,20 +381,20 @@ def summarize_shards(shards_by_split: dict[str, list[dict]]) -> dict:
             "filtered_sets": dict(filtered)}
 
 
-def build_manifest(config: PrepareConfig, tokenizer, fingerprint: str, dtype: np.dtype,
-                   records: list[dict], num_inputs: int) -> dict:
-    shards_by_split = {split: [per_file[split] for per_file in records] for split in (records[0] if records else {})}
+def build_manifest(config: PrepareConfig, tokenizer_info: dict, dtype: np.dtype,
+                   shards_by_split: dict[str, list[dict]], num_inputs: int) -> dict:
+    """The manifest a loader reads: tokenizer identity (`tokenizer_info`: name, fingerprint, bos_id,
+    eos_id, vocab_size), one record per shard, totals, provenance."""
     summary = summarize_shards(shards_by_split)
     return {
         "format": FORMAT,
         "dtype": dtype.name,
-        "tokenizer": {"name": config.tokenizer, "fingerprint": fingerprint, "bos_id": tokenizer.bos_token_id,
-                      "eos_id": tokenizer.eos_token_id, "vocab_size": len(tokenizer)},
+        "tokenizer": tokenizer_info,
         "framing": {"add_bos": config.add_bos, "add_eos": config.add_eos},
         **summary,
         "num_input_files": num_inputs,
         "part": None if config.num_shards == 1 else {"index": config.shard_index, "count": config.num_shards},
-        "fingerprint": manifest_fingerprint(fingerprint, summary["splits"]),
+        "fingerprint": manifest_fingerprint(tokenizer_info["fingerprint"], summary["splits"]),
         "config": to_dict(config),
         "versions": library_versions(("tokenizers", "transformers", "numpy", "zstandard")),
     }
@@ -315,4 +420,5 @@ def merge_parts(config: PrepareConfig) -> Path:
     merged = {**parts[0], **summary, "part": None, "merged_parts": config.num_shards,
               "fingerprint": manifest_fingerprint(parts[0]["tokenizer"]["fingerprint"], summary["splits"])}
     write_json_atomic(out / MANIFEST, merged)
+    _remove_empty_pieces(out)
     return out / MANIFEST

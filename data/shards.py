@@ -1,13 +1,21 @@
 """Token shards on disk and the manifest that describes them.
 
-A shard is three files: `<name>.tokens` (a flat uint16 or uint32 token array, raw), `<name>.docs.npy`
-(int64 document start offsets, plus the total length at the end) and `<name>.sets.npy` (uint16 id of
-each document's source set, into the shard's `sets` list), and a `<name>.json` record written last:
-a shard without its record is incomplete and is redone.
+Tokenization writes one *piece* per input file and split (`pieces/<split>/<file index>.*`), then
+concatenates the pieces of a group of consecutive input files, in file order, into one *shard*
+(`<split>/<shard index>.*`) of about `shard_tokens` tokens, and deletes the pieces. Both are the
+same three files: `.tokens` (a flat uint16 or uint32 token array, raw), `.docs.npy` (int64
+document start offsets, plus the total length at the end) and `.sets.npy` (uint16 id of each
+document's source set, into the record's `sets` list), and a `.json` record written last: one
+without its record is incomplete and is redone.
+
+A shard's `.json` keeps the per-input-file bookkeeping (`inputs`: source, counts, skipped records)
+that only resumption and audits need; `manifest.json` holds one small record per shard, which is
+all a training rank reads (parsed once per process).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -17,7 +25,8 @@ from pathlib import Path
 import numpy as np
 
 MANIFEST = "manifest.json"
-FORMAT = "shorten-tokens/1"
+FORMAT = "shorten-tokens/2"
+_COPY_BLOCK = 1 << 24
 
 
 class DataMismatchError(ValueError):
@@ -37,56 +46,115 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256((body + special).encode()).hexdigest()
 
 
-class ShardWriter:
-    """Appends documents to a shard under temporary names; `commit` renames them into place."""
+def _commit_arrays(directory: Path, name: str, tokens_tmp: Path, offsets: np.ndarray, set_ids: np.ndarray,
+                   record: dict) -> dict:
+    """Rename a finished token file into place beside its offsets and set ids; the record goes last."""
+    base = directory / name
+    np.save(directory / f".{name}.docs.tmp.npy", offsets.astype(np.int64, copy=False))
+    np.save(directory / f".{name}.sets.tmp.npy", set_ids.astype(np.uint16, copy=False))
+    os.replace(tokens_tmp, f"{base}.tokens")
+    os.replace(directory / f".{name}.docs.tmp.npy", f"{base}.docs.npy")
+    os.replace(directory / f".{name}.sets.tmp.npy", f"{base}.sets.npy")
+    tmp = directory / f".{name}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, f"{base}.json")
+    return record
+
+
+def _set_counts(sets: list[str], set_ids: np.ndarray, offsets: np.ndarray) -> tuple[dict, dict]:
+    lengths = np.diff(offsets)
+    documents = np.bincount(set_ids, minlength=len(sets)).tolist()
+    tokens = np.bincount(set_ids, weights=lengths, minlength=len(sets)).astype(np.int64).tolist()
+    return dict(zip(sets, tokens, strict=True)), dict(zip(sets, documents, strict=True))
+
+
+class PieceWriter:
+    """Appends one input file's documents (of one split) under a temporary name; `commit` renames."""
 
     def __init__(self, directory: Path, name: str, dtype: np.dtype):
         self.directory, self.name, self.dtype = directory, name, dtype
         directory.mkdir(parents=True, exist_ok=True)
         self._tmp = directory / f".{name}.tokens.tmp"
         self._file = open(self._tmp, "wb")
-        self._hash = hashlib.sha256()
-        self._offsets = [0]
+        self._lengths: list[int] = []
         self._set_ids: list[int] = []
         self._sets: dict[str, int] = {}
-        self.set_tokens: dict[str, int] = {}
 
-    def add(self, tokens: list[int], source_set: str) -> None:
-        data = np.asarray(tokens, dtype=self.dtype).tobytes()
-        self._file.write(data)
-        self._hash.update(data)
-        self._offsets.append(self._offsets[-1] + len(tokens))
-        set_id = self._sets.setdefault(source_set, len(self._sets))
-        self._set_ids.append(set_id)
-        self.set_tokens[source_set] = self.set_tokens.get(source_set, 0) + len(tokens)
+    def add(self, tokens: np.ndarray, source_set: str) -> None:
+        self._file.write(tokens.astype(self.dtype, copy=False).tobytes())
+        self._lengths.append(len(tokens))
+        self._set_ids.append(self._sets.setdefault(source_set, len(self._sets)))
 
     def commit(self, extra: dict) -> dict:
         self._file.close()
-        base = self.directory / self.name
-        np.save(self.directory / f".{self.name}.docs.tmp.npy", np.asarray(self._offsets, dtype=np.int64))
+        offsets = np.concatenate([[0], np.cumsum(self._lengths, dtype=np.int64)]).astype(np.int64)
         set_ids = np.asarray(self._set_ids, dtype=np.uint16)
-        np.save(self.directory / f".{self.name}.sets.tmp.npy", set_ids)
-        os.replace(self._tmp, f"{base}.tokens")
-        os.replace(self.directory / f".{self.name}.docs.tmp.npy", f"{base}.docs.npy")
-        os.replace(self.directory / f".{self.name}.sets.tmp.npy", f"{base}.sets.npy")
-        record = {"name": self.name, "tokens": self._offsets[-1], "documents": len(self._set_ids),
-                  "sha256": self._hash.hexdigest(), "sets": list(self._sets),
-                  "set_tokens": self.set_tokens,
-                  "set_documents": dict(zip(self._sets, np.bincount(set_ids, minlength=len(self._sets)).tolist(),
-                                            strict=True)), **extra}
-        tmp = self.directory / f".{self.name}.json.tmp"
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, f"{base}.json")
-        return record
+        record = {"name": self.name, "tokens": int(offsets[-1]), "documents": len(self._set_ids),
+                  "sets": list(self._sets), **extra}
+        return _commit_arrays(self.directory, self.name, self._tmp, offsets, set_ids, record)
 
     def abort(self) -> None:
         self._file.close()
         self._tmp.unlink(missing_ok=True)
 
 
-def read_shard_record(directory: Path, name: str) -> dict | None:
+def read_record(directory: Path, name: str) -> dict | None:
     path = directory / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def remove_arrays(directory: Path, name: str) -> None:
+    """Delete a piece or shard, its record first (so a half-deleted one reads as unfinished)."""
+    for suffix in (".json", ".tokens", ".docs.npy", ".sets.npy"):
+        (directory / f"{name}{suffix}").unlink(missing_ok=True)
+
+
+def assemble_shard(directory: Path, name: str, pieces: list[tuple[Path, dict]]) -> dict:
+    """Concatenate pieces (in the given order) into shard `name`; returns the manifest's record for it.
+
+    The shard's own `.json` also lists the pieces' records (`inputs`: per-input-file bookkeeping).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{name}.tokens.tmp"
+    digest = hashlib.sha256()
+    offsets, set_ids, sets, total = [np.zeros(1, dtype=np.int64)], [], {}, 0
+    with open(tmp, "wb") as out:
+        for piece_dir, record in pieces:
+            base = piece_dir / record["name"]
+            with open(f"{base}.tokens", "rb") as source:
+                while block := source.read(_COPY_BLOCK):
+                    digest.update(block)
+                    out.write(block)
+            offsets.append(np.load(f"{base}.docs.npy")[1:] + total)
+            total += record["tokens"]
+            remap = np.asarray([sets.setdefault(s, len(sets)) for s in record["sets"]], dtype=np.uint16)
+            set_ids.append(remap[np.load(f"{base}.sets.npy")])
+    all_offsets = np.concatenate(offsets)
+    all_set_ids = np.concatenate(set_ids) if set_ids else np.zeros(0, dtype=np.uint16)
+    set_tokens, set_documents = _set_counts(list(sets), all_set_ids, all_offsets)
+    skipped: dict[str, int] = {}
+    filtered: dict[str, int] = {}
+    for _, record in pieces:
+        for total, counts in ((skipped, record["skipped"]), (filtered, record["filtered_sets"])):
+            for key, count in counts.items():
+                total[key] = total.get(key, 0) + count
+    summary = {"name": name, "tokens": int(all_offsets[-1]), "documents": len(all_set_ids),
+               "sha256": digest.hexdigest(), "sets": list(sets), "set_tokens": set_tokens,
+               "set_documents": set_documents, "skipped": skipped, "filtered_sets": filtered,
+               "input_files": len(pieces)}
+    _commit_arrays(directory, name, tmp, all_offsets, all_set_ids,
+                   {**summary, "inputs": [record for _, record in pieces]})
+    return summary
+
+
+def shard_summary(record: dict) -> dict:
+    """What the manifest keeps of a shard's record: everything but the per-input-file list."""
+    return {k: v for k, v in record.items() if k != "inputs"}
+
+
+@functools.lru_cache(maxsize=8)
+def _parse_manifest(path: str, mtime_ns: int, size: int) -> dict:
+    return json.loads(Path(path).read_text())
 
 
 @dataclass
@@ -96,13 +164,17 @@ class Manifest:
 
     @classmethod
     def load(cls, directory: Path) -> Manifest:
+        """The manifest of a tokenized directory, parsed once per process (while the file is unchanged);
+        `data` is shared between callers: read it, never modify it."""
         path = Path(directory) / MANIFEST
         if not path.exists():
             raise DataMismatchError(f"{path} does not exist: run launch/prepare_data.py first (and its merge "
                                     "step if it ran as several parts)")
-        data = json.loads(path.read_text())
+        stat = path.stat()
+        data = _parse_manifest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
         if data.get("format") != FORMAT:
-            raise DataMismatchError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r}")
+            raise DataMismatchError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r}: tokenize the "
+                                    "data again with this version (launch/prepare_data.py)")
         return cls(path, data)
 
     @property

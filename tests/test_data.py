@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -51,22 +52,31 @@ def _config(root, out, tokenizer_dir, *overrides):
 
 
 def test_tokenized_shards_hold_exactly_the_documents(slimpajama, smollm2_dir, tokenizer, tmp_path):
-    manifest_path = prepare(_config(slimpajama, tmp_path / "tok", smollm2_dir, "num_workers=2"))
+    """Small shards: each holds several whole input files, in sorted file order, and nothing else."""
+    manifest_path = prepare(_config(slimpajama, tmp_path / "tok", smollm2_dir, "num_workers=2", "shard_tokens=80000"))
     manifest = json.loads(manifest_path.read_text())
     assert manifest["dtype"] == "uint16" and manifest["num_input_files"] == 5
     assert set(manifest["sets"]) == set(SETS)
-    shard = manifest["splits"]["train"]["shards"][0]
-    tokens = np.fromfile(tmp_path / "tok" / "train" / f"{shard['name']}.tokens", dtype=np.uint16)
-    offsets = np.load(tmp_path / "tok" / "train" / f"{shard['name']}.docs.npy")
-    assert len(tokens) == shard["tokens"] == offsets[-1]
-    source = [json.loads(line) for line in zstandard.ZstdDecompressor().stream_reader(
-        open(shard["source"], "rb")).read().decode().splitlines()]
-    for k, record in enumerate(source):
-        ids = tokens[offsets[k]:offsets[k + 1]].tolist()
-        assert ids == [tokenizer.bos_token_id] + tokenizer(record["text"], add_special_tokens=False).input_ids + [
-            tokenizer.eos_token_id]
-        assert tokenizer.decode(ids[1:-1]) == record["text"]
-    total = sum(s["tokens"] for s in manifest["splits"]["train"]["shards"])
+    shards = manifest["splits"]["train"]["shards"]
+    assert 1 < len(shards) < 5 and all("inputs" not in s for s in shards)
+    assert not (tmp_path / "tok" / "pieces").exists()
+    sources = []
+    for shard in shards:
+        tokens = np.fromfile(tmp_path / "tok" / "train" / f"{shard['name']}.tokens", dtype=np.uint16)
+        offsets = np.load(tmp_path / "tok" / "train" / f"{shard['name']}.docs.npy")
+        assert len(tokens) == shard["tokens"] == offsets[-1]
+        inputs = json.loads((tmp_path / "tok" / "train" / f"{shard['name']}.json").read_text())["inputs"]
+        assert shard["input_files"] == len(inputs) and shard["documents"] == len(offsets) - 1
+        records = [json.loads(line) for record in inputs for line in zstandard.ZstdDecompressor().stream_reader(
+            open(record["source"], "rb")).read().decode().splitlines()]
+        sources += [record["source"] for record in inputs]
+        for k, record in enumerate(records):
+            ids = tokens[offsets[k]:offsets[k + 1]].tolist()
+            assert ids == [tokenizer.bos_token_id] + tokenizer(record["text"], add_special_tokens=False).input_ids + [
+                tokenizer.eos_token_id]
+        assert shard["set_documents"] == dict(Counter(r["meta"]["redpajama_set_name"] for r in records))
+    assert sources == sorted(sources) and len(sources) == 5
+    total = sum(s["tokens"] for s in shards)
     assert total == manifest["splits"]["train"]["tokens"] == sum(s["tokens"] for s in manifest["sets"].values())
 
 
@@ -81,15 +91,21 @@ def test_filters_validation_split_and_existing_output(slimpajama, smollm2_dir, t
 
 
 def test_scale_out_parts_merge_to_the_single_run(slimpajama, smollm2_dir, tmp_path):
-    single = json.loads(prepare(_config(slimpajama, tmp_path / "one", smollm2_dir)).read_text())
+    single = json.loads(prepare(_config(slimpajama, tmp_path / "one", smollm2_dir, "shard_tokens=80000")).read_text())
     for index in range(2):
-        prepare(_config(slimpajama, tmp_path / "two", smollm2_dir, f"shard_index={index}", "num_shards=2"))
+        prepare(_config(slimpajama, tmp_path / "two", smollm2_dir, f"shard_index={index}", "num_shards=2",
+                        "shard_tokens=80000"))
+    parts = [json.loads(p.read_text()) for p in sorted((tmp_path / "two").glob("manifest.part-*.json"))]
+    assert [[s["name"] for s in p["splits"]["train"]["shards"]] for p in parts] == [["000000", "000002"], ["000001"]]
     with pytest.raises(FileExistsError):
-        prepare(_config(slimpajama, tmp_path / "two", smollm2_dir, "shard_index=0", "num_shards=2"))
+        prepare(_config(slimpajama, tmp_path / "two", smollm2_dir, "shard_index=0", "num_shards=2",
+                        "shard_tokens=80000"))
     merged = json.loads(prepare(_config(slimpajama, tmp_path / "two", smollm2_dir, "num_shards=2",
-                                        "merge=true")).read_text())
+                                        "shard_tokens=80000", "merge=true")).read_text())
     assert merged["fingerprint"] == single["fingerprint"]
-    assert merged["splits"]["train"]["tokens"] == single["splits"]["train"]["tokens"]
+    for key in ("splits", "sets", "skipped", "filtered_sets", "num_input_files", "tokenizer", "dtype"):
+        assert merged[key] == single[key], key
+    assert not (tmp_path / "two" / "pieces").exists()
 
 
 def test_bad_records_are_skipped_and_counted(smollm2_dir, tmp_path, caplog):
@@ -112,35 +128,45 @@ def test_nothing_matched_is_an_error(smollm2_dir, tmp_path):
         prepare(_config(tmp_path / "missing.jsonl", tmp_path / "tok", smollm2_dir))
 
 
-def test_corrupt_stream_fails_its_file_and_a_rerun_continues(slimpajama, smollm2_dir, tmp_path):
+def test_corrupt_stream_fails_its_file_and_a_rerun_redoes_only_it(slimpajama, smollm2_dir, tmp_path, caplog):
+    """Shards of 2, 2 and 1 files; the second file is damaged: the other shards finish, the first file's
+    piece is kept, and the re-run tokenizes only the repaired file into output equal to an uninterrupted run."""
     import shutil
 
     root = tmp_path / "corpus"
     shutil.copytree(slimpajama, root)
-    victim = root / "train" / "chunk2" / "example_train_1.jsonl.zst"
+    victim = root / "train" / "chunk1" / "example_train_1.jsonl.zst"
     intact = victim.read_bytes()
     victim.write_bytes(intact[: len(intact) // 2])  # truncated download
     out = tmp_path / "tok"
     with pytest.raises(CorpusError, match="example_train_1.jsonl.zst: corrupt or truncated zstd"):
-        prepare(_config(root, out, smollm2_dir))
+        prepare(_config(root, out, smollm2_dir, "shard_tokens=80000"))
     assert not (out / "manifest.json").exists()
+    assert sorted(p.name for p in (out / "train").glob("*.json")) == ["000001.json", "000002.json"]
+    assert sorted(p.name for p in (out / "pieces" / "train").glob("*.json")) == ["000000.json"]
+    assert not list((out / "train").glob(".*")) and not list((out / "pieces" / "train").glob(".*"))
     finished = {p: p.stat().st_mtime_ns for p in (out / "train").glob("*.json")}
-    assert len(finished) == 4 and not list((out / "train").glob(".*"))
     victim.write_bytes(intact)
-    manifest = json.loads(prepare(_config(root, out, smollm2_dir)).read_text())
-    assert len(manifest["splits"]["train"]["shards"]) == 5
+    caplog.clear()
+    manifest = json.loads(prepare(_config(root, out, smollm2_dir, "shard_tokens=80000")).read_text())
+    assert "4 of 5 files already tokenized" in caplog.text
     assert all(p.stat().st_mtime_ns == t for p, t in finished.items())  # not redone
+    assert [s["input_files"] for s in manifest["splits"]["train"]["shards"]] == [2, 2, 1]
+    uninterrupted = json.loads(prepare(_config(slimpajama, tmp_path / "one", smollm2_dir,
+                                               "shard_tokens=80000")).read_text())
+    assert manifest["fingerprint"] == uninterrupted["fingerprint"]
     with pytest.raises(DataMismatchError, match="different settings"):
         os.remove(out / "manifest.json")
-        prepare(_config(root, out, smollm2_dir, "add_eos=false"))
+        prepare(_config(root, out, smollm2_dir, "shard_tokens=80000", "add_eos=false"))
 
 
 # --- the packed loader ------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def tokens_dir(slimpajama, smollm2_dir, tmp_path_factory):
+    """Three shards: sequences cross shard boundaries."""
     out = tmp_path_factory.mktemp("tokens") / "tok"
-    prepare(_config(slimpajama, out, smollm2_dir))
+    prepare(_config(slimpajama, out, smollm2_dir, "shard_tokens=80000"))
     return out
 
 
@@ -238,3 +264,32 @@ def test_a_file_that_is_not_zstd_fails_with_its_name(smollm2_dir, tmp_path):
     with pytest.raises(CorpusError, match="example_train_0.jsonl.zst: corrupt or truncated zstd"):
         prepare(_config(garbage, tmp_path / "tok", smollm2_dir))
     assert not (tmp_path / "tok" / "manifest.json").exists()
+
+
+def _mapped_files(under: Path) -> set[str]:
+    """Files under `under` that this process has memory-mapped or open."""
+    maps = {line.split(maxsplit=5)[-1] for line in Path("/proc/self/maps").read_text().splitlines()
+            if len(line.split(maxsplit=5)) == 6}
+    fds = {os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+           if os.path.exists(f"/proc/self/fd/{fd}")}
+    return {path for path in maps | fds if path.startswith(str(under))}
+
+
+def test_a_reader_keeps_at_most_max_open_shards_mapped(tokens_dir):
+    """Random reads over 3 shards with one shard open at a time: the same sequences as with all open,
+    and never more than that shard's token and offset files mapped."""
+    from data.shards import Manifest
+
+    assert Manifest.load(tokens_dir).data is Manifest.load(tokens_dir).data  # parsed once per process
+    narrow = PackedSequences(tokens_dir, 64, max_open_shards=1)
+    assert len(narrow.manifest.shards("train")) == 3 and not _mapped_files(tokens_dir)
+    order = np.random.default_rng(0).permutation(len(narrow))[:200]
+    seen, most = [], 0
+    for index in order:
+        seen.append(narrow[int(index)])
+        most = max(most, len(_mapped_files(tokens_dir)))
+    assert most == 2
+    wide = PackedSequences(tokens_dir, 64)
+    for index, sample in zip(order, seen, strict=True):
+        assert all(torch.equal(sample[k], wide[int(index)][k]) for k in sample)
+    assert len(_mapped_files(tokens_dir)) == 6

@@ -6,11 +6,19 @@
 3. Loader delivery rate per rank (seq 2048, micro-batch 2) against what one H100 consumes
    training a ~3B model (~20k tokens/s).
 4. Resume cost: building the loader and fetching the first batch at consumed samples 1e3 vs 1e7.
+5. Our pipeline (read, parse, tokenize, frame, write) against the bare tokenizer's own batch encoding
+   of the same texts, one core each (the physical limit), and the projected time to tokenize
+   SlimPajama-627B per node from the measured tokens/s per core.
+6. SlimPajama-627B's shape without its tokens: a manifest and sparse shard files for 59,166 input
+   files and 627e9 tokens (vocab 32k, uint16), as `prepare` would write them with the default shard
+   size. Each simulated rank is a fresh process: loader construction, time to the first batch, peak
+   RSS, files and maps it holds (main process and DataLoader workers), for 1 and 64 ranks.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import shutil
 import subprocess
@@ -19,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
@@ -26,7 +36,8 @@ from data.config import load_config  # noqa: E402
 from data.embedded import smollm2_path, text_path  # noqa: E402
 from data.loader import GlobalBatchLoader  # noqa: E402
 from data.packed import PackedSequences  # noqa: E402
-from data.prepare import PrepareConfig, prepare  # noqa: E402
+from data.prepare import PrepareConfig, build_manifest, plan_shards, prepare  # noqa: E402
+from data.shards import token_dtype  # noqa: E402
 from data.text import load_documents  # noqa: E402
 
 
@@ -66,15 +77,22 @@ def baseline(paths: list[Path], workers: int, cache: Path) -> tuple[float, int]:
     return time.perf_counter() - start, tokens
 
 
-_MEMORY_CHILD = """
-import json, resource, sys
+# A child's own peak: VmHWM (ru_maxrss can carry the parent's peak across fork + exec).
+_PEAK_RSS = """
+def peak_rss_mb():
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
+"""
+
+_MEMORY_CHILD = _PEAK_RSS + """
+import json, sys
 sys.path.insert(0, {root!r})
 from data.config import load_config
 from data.prepare import PrepareConfig, prepare
 config = load_config(PrepareConfig, None, ["inputs=[{inputs}]", "output_dir={out}", "num_workers=1",
                                            "tokenizer={tokenizer}"])
 prepare(config)
-print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+print(json.dumps(peak_rss_mb()))
 """
 
 
@@ -84,10 +102,206 @@ def peak_memory(paths: list[Path], out: Path) -> float:
     return float(result.stdout.strip().splitlines()[-1])
 
 
+def bare_tokenizer(backend, path: Path) -> tuple[float, int]:
+    """The tokenizer alone on one file's texts, already in memory, in batches as ours (one thread)."""
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    start, tokens, batch, chars = time.perf_counter(), 0, [], 0
+
+    def flush() -> int:
+        count = sum(len(e.ids) for e in backend.encode_batch_fast(batch, add_special_tokens=False))
+        batch.clear()
+        return count
+
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= PrepareConfig.batch_documents or chars >= 1 << 21:
+            tokens, chars = tokens + flush(), 0
+    tokens += flush()
+    return time.perf_counter() - start, tokens
+
+
+# SlimPajama-627B (cerebras/SlimPajama-627B): 59,166 train files, 627e9 tokens (LLaMA, vocab 32k).
+SLIMPAJAMA_FILES, SLIMPAJAMA_TOKENS, SLIMPAJAMA_VOCAB = 59_166, 627_000_000_000, 32_000
+VALIDATION_FRACTION, SEQ_LEN, GLOBAL_BATCH, MICRO_BATCH = 0.0005, 2048, 512, 2
+
+
+def _sparse_shard(directory: Path, name: str, tokens: int, documents: int, inputs: list[dict]) -> dict:
+    """A shard's files with its real sizes but no data: sparse token file, offsets that are zero but
+    for the end (a valid, sorted array), and its record with the per-input-file list."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{name}.tokens", "wb") as f:
+        f.truncate(tokens * 2)
+    offsets = np.lib.format.open_memmap(directory / f"{name}.docs.npy", mode="w+", dtype=np.int64,
+                                        shape=(documents + 1,))
+    offsets[-1] = tokens
+    del offsets
+    np.save(directory / f"{name}.sets.npy", np.zeros(0, dtype=np.uint16))
+    record = {"name": name, "tokens": tokens, "documents": documents, "sha256": f"{int(name):064x}",
+              "sets": ["RedPajamaCommonCrawl"], "set_tokens": {"RedPajamaCommonCrawl": tokens},
+              "set_documents": {"RedPajamaCommonCrawl": documents}, "skipped": {}, "filtered_sets": {},
+              "input_files": len(inputs)}
+    (directory / f"{name}.json").write_text(json.dumps({**record, "inputs": inputs}))
+    return record
+
+
+def write_slimpajama_shape(out: Path) -> dict:
+    """The token directory `prepare` would write for SlimPajama-627B, planned by its own shard plan."""
+    per_file = SLIMPAJAMA_TOKENS // SLIMPAJAMA_FILES
+    inputs = out / "inputs"  # sparse stand-ins of the .jsonl.zst files, sized as the real ones on average
+    inputs.mkdir(parents=True)
+    files = []
+    for k in range(SLIMPAJAMA_FILES):
+        path = inputs / f"example_train_{k}.jsonl.zst"
+        with open(path, "wb") as f:
+            f.truncate(int(per_file / 0.7))
+        files.append(path)
+    config = PrepareConfig(inputs=[str(inputs)], output_dir=out, validation_fraction=VALIDATION_FRACTION)
+    starts = plan_shards(files, config.shard_tokens) + [len(files)]
+    shards: dict[str, list[dict]] = {"train": [], "validation": []}
+    for g in range(len(starts) - 1):
+        count = starts[g + 1] - starts[g]
+        held_out = int(count * per_file * VALIDATION_FRACTION)
+        inputs_list = [{"name": f"{k:06d}", "source": str(files[k]), "tokens": per_file, "documents": 10_000,
+                        "skipped": {}, "filtered_sets": {}} for k in range(starts[g], starts[g + 1])]
+        for split, tokens in (("train", count * per_file - held_out), ("validation", held_out)):
+            shards[split].append(_sparse_shard(out / split, f"{g:06d}", tokens, tokens // 1000, inputs_list))
+    info = {"name": "llama-32k", "fingerprint": "0" * 64, "bos_id": 1, "eos_id": 2, "vocab_size": SLIMPAJAMA_VOCAB}
+    manifest = build_manifest(config, info, token_dtype(SLIMPAJAMA_VOCAB), shards, len(files))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    shutil.rmtree(inputs)
+    return manifest
+
+
+_RANK_CHILD = _PEAK_RSS + """
+import json, os, sys, time
+start = time.perf_counter()
+sys.path.insert(0, {root!r})
+import psutil, torch
+from data.loader import GlobalBatchLoader
+from data.packed import PackedSequences
+imported = time.perf_counter()
+directory, world, rank, workers = {directory!r}, {world}, {rank}, {workers}
+train = PackedSequences(directory, {seq_len}, "train")
+held_out = PackedSequences(directory, {seq_len}, "validation")
+loader = GlobalBatchLoader(train, {global_batch}, {micro_batch}, world, rank, seed=0, num_workers=workers)
+built = time.perf_counter()
+batches = iter(loader)
+next(batches)
+first = time.perf_counter()
+for _ in range(100):
+    next(batches)
+for i in range(rank, rank + 64):
+    held_out[i * 997 % len(held_out)]
+
+def held(pid):
+    maps = {{l.split(maxsplit=5)[-1] for l in open(f"/proc/{{pid}}/maps") if len(l.split(maxsplit=5)) == 6}}
+    fds = set()
+    for fd in os.listdir(f"/proc/{{pid}}/fd"):
+        try:
+            fds.add(os.readlink(f"/proc/{{pid}}/fd/{{fd}}"))
+        except OSError:
+            pass
+    return len([m for m in maps if m.startswith(directory)]), len([f for f in fds if f.startswith(directory)])
+
+children = [held(c.pid) for c in psutil.Process().children()]
+maps, fds = held(os.getpid())
+print(json.dumps({{"import_s": imported - start, "build_s": built - imported, "first_batch_s": first - imported,
+                  "rss_mb": peak_rss_mb(),
+                  "maps": maps, "fds": fds, "worker_maps": max([m for m, _ in children], default=0),
+                  "worker_fds": max([f for _, f in children], default=0),
+                  "fd_total": len(os.listdir("/proc/self/fd")), "shards": len(train.manifest.shards("train"))}}))
+"""
+
+
+def simulate_rank(directory: Path, world: int, rank: int, workers: int) -> subprocess.Popen:
+    code = _RANK_CHILD.format(root=str(ROOT), directory=str(directory), world=world, rank=rank, workers=workers,
+                              seq_len=SEQ_LEN, global_batch=GLOBAL_BATCH, micro_batch=MICRO_BATCH)
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def simulate_ranks(directory: Path, world: int, workers: int, concurrent: int = 2) -> list[dict]:
+    """Every rank of a `world`-rank job as its own process, `concurrent` at a time (this machine's size)."""
+    results, running = [], []
+    for rank in range(world):
+        running.append(simulate_rank(directory, world, rank, workers))
+        if len(running) == concurrent or rank == world - 1:
+            for process in running:
+                out, _ = process.communicate()
+                if process.returncode:
+                    raise RuntimeError(f"simulated rank failed with exit code {process.returncode}")
+                results.append(json.loads(out.strip().splitlines()[-1]))
+            running = []
+    return results
+
+
+def scale_report(work: Path) -> None:
+    start = time.perf_counter()
+    manifest = write_slimpajama_shape(work / "slimpajama-shape")
+    shards = manifest["splits"]["train"]["shards"]
+    size = (work / "slimpajama-shape" / "manifest.json").stat().st_size
+    print(f"SlimPajama-627B shape: {SLIMPAJAMA_FILES:,} input files, {manifest['splits']['train']['tokens']:,} "
+          f"train tokens in {len(shards)} shards of ~{shards[0]['tokens'] / 1e9:.2f}B tokens "
+          f"({shards[0]['tokens'] * 2 / 2**30:.1f} GiB); manifest {size / 1e6:.2f} MB; written in "
+          f"{time.perf_counter() - start:.0f} s (sparse files)")
+    print(f"  per rank: seq {SEQ_LEN}, global batch {GLOBAL_BATCH}, micro {MICRO_BATCH}, 100 micro-batches + "
+          f"64 validation sequences read; files/maps counted under the token directory")
+    print(f"  {'ranks':>5} {'workers':>7} {'import s':>9} {'build s':>8} {'1st batch s (med/max)':>22} "
+          f"{'peak RSS MB (max)':>18} {'maps':>5} {'fds':>4} {'worker maps/fds':>16} {'all fds':>8}")
+    for world, workers in ((1, 0), (1, 2), (64, 0)):
+        rows = simulate_ranks(work / "slimpajama-shape", world, workers)
+        first = sorted(r["first_batch_s"] for r in rows)
+        print(f"  {world:>5} {workers:>7} {max(r['import_s'] for r in rows):>9.2f} "
+              f"{max(r['build_s'] for r in rows):>8.3f} {first[len(first) // 2]:>10.3f} / {first[-1]:<9.3f} "
+              f"{max(r['rss_mb'] for r in rows):>18.0f} {max(r['maps'] for r in rows):>5} "
+              f"{max(r['fds'] for r in rows):>4} {max(r['worker_maps'] for r in rows):>8}/"
+              f"{max(r['worker_fds'] for r in rows):<7} {max(r['fd_total'] for r in rows):>8}")
+    print("  (build = manifest parse + both splits + loader; 1st batch counts from after the imports; a DataLoader"
+          " worker holds at most as many maps as the main process: max_open_shards=8 x 2 files)")
+
+
+def pipeline_against_bare(paths: list[Path], out: Path, rounds: int = 2) -> tuple[float, int, float, int]:
+    """Our worker's steady state (read, parse, tokenize, frame and write a file, tokenizer loaded) and the
+    bare tokenizer, interleaved file by file so that the load of this shared machine hits both alike."""
+    from data import prepare as stage
+
+    settings = {"output_dir": str(out), "dtype": "<u2", "splits": ["train"], "add_bos": True, "add_eos": True,
+                "include_sets": [], "exclude_sets": [], "validation_fraction": 0.0, "text_field": "text",
+                "set_field": "meta.redpajama_set_name", "batch_documents": PrepareConfig.batch_documents}
+    stage._init_worker(smollm2_path(), settings)
+    backend = stage._WORKER["tokenizer"]._tokenizer
+    ours_s = ours_tokens = bare_s = bare_tokens = 0
+    for _ in range(rounds):
+        for k, path in enumerate(paths):
+            seconds, tokens = bare_tokenizer(backend, path)
+            bare_s, bare_tokens = bare_s + seconds, bare_tokens + tokens
+            start = time.perf_counter()
+            ours_tokens += stage._tokenize_file((k, str(path)))["records"]["train"]["tokens"]
+            ours_s += time.perf_counter() - start
+    return ours_s, ours_tokens, bare_s, bare_tokens
+
+
+def tokenizer_report(work: Path) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core each, as in a worker
+    paths = write_corpus(work / "corpus-16", copies=1, files=16)
+    ours_s, ours_tokens, bare_s, bare_tokens = pipeline_against_bare(paths, work / "pipeline")
+    per_core = ours_tokens / ours_s
+    print(f"Tokenization, one core, {ours_tokens / 2e6:.1f}M tokens x 2: our pipeline (read + parse + tokenize + "
+          f"frame + write) {per_core:,.0f} tokens/s; the bare tokenizer's batch encode of the same texts in memory "
+          f"{bare_tokens / bare_s:,.0f} tokens/s; ratio {ours_s / bare_s * bare_tokens / ours_tokens:.2f}x")
+    for cores in (32, 64, 128):
+        hours = SLIMPAJAMA_TOKENS / (per_core * cores) / 3600
+        print(f"  SlimPajama-627B projected on one {cores}-core node: {hours:,.0f} h; on 16 such nodes: "
+              f"{hours / 16:,.1f} h (linear in cores, this tokenizer, this machine's per-core speed)")
+
+
 def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="shorten-bench-data-"))
     try:
         paths = write_corpus(work / "corpus", copies=2)
+        scale_report(work)
+        tokenizer_report(work)
         print("Tokenization, SmolLM2 tokenizer, real text (books, C4, Wikipedia)")
         for workers in (1, 2):
             ours_s, ours_tokens = ours(paths, work / f"ours-{workers}", workers)
