@@ -30,9 +30,9 @@ def main(argv: list[str]) -> int:
     quiet_output(world)  # before the libraries load: one rank prints
     from training.cpt import build_cpt_trainer, plan_cpt
     plan = plan_cpt(config, world)  # every cheap check, before any process group or model exists
-    init_distributed()
+    init_distributed(config.distributed.timeout_minutes)
     outcome = build_cpt_trainer(config, plan, should_stop=stop_signals.requested).train()
-    return stop_signals.exit_code(outcome)
+    return stop_signals.exit_code(outcome, world.rank)
 
 
 if __name__ == "__main__":

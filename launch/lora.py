@@ -28,9 +28,9 @@ def main(argv: list[str]) -> int:
     quiet_output(world)  # before the libraries load: one rank prints
     from training.lora import build_lora_trainer, plan_lora
     plan = plan_lora(config, world)  # every cheap check, before any process group or model exists
-    init_distributed()
+    init_distributed(config.distributed.timeout_minutes)
     outcome = build_lora_trainer(config, plan, should_stop=stop_signals.requested).train()
-    return stop_signals.exit_code(outcome)
+    return stop_signals.exit_code(outcome, world.rank)
 
 
 if __name__ == "__main__":
