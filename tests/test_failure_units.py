@@ -1,11 +1,13 @@
 """Failure handling without launching a run: RNG files that load with weights_only, checkpoints whose
-files are not whole, DataLoader workers that outlive a stop signal, the watchdog naming a late rank."""
+files are not whole, DataLoader workers that outlive a stop signal, the watchdog naming a late rank,
+the universal conversion under a lock."""
 
 from __future__ import annotations
 
 import json
 import os
 import random
+import shutil
 import signal
 import time
 
@@ -130,3 +132,47 @@ def test_watchdog_names_every_rank_when_all_are_slow_alike(tmp_path, capsys):
     watchdog.close()
     assert "every rank is in backward of micro-batch 0" in capsys.readouterr().out
 
+
+
+def fake_conversion(log, seconds: float):
+    """A stand-in for DeepSpeed's converter: notes who converted, takes `seconds`, leaves the target."""
+
+    def convert(checkpoint, target):
+        tmp = target.with_name(".tmp-" + target.name)
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed attempt's leftovers, as the real one does
+        tmp.mkdir()
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        time.sleep(seconds)
+        tmp.rename(target)
+
+    return convert
+
+
+def test_universal_conversion_runs_once_under_a_lock_and_restarts_after_a_killed_one(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from training import checkpoint as checkpoints
+
+    committed(tmp_path, 4, {"model.pt": b"m"})
+    step4 = CheckpointStore(tmp_path, 0, 5, 0).committed()[0]
+    log = tmp_path / "converted_by"
+    context = multiprocessing.get_context("fork")
+    monkeypatch.setattr(checkpoints, "convert_to_universal", fake_conversion(log, 60))
+    killed = context.Process(target=checkpoints.ensure_universal, args=(step4, 1))
+    killed.start()
+    while not log.exists():
+        time.sleep(0.05)
+    killed.kill()  # dies holding the lock, midway
+    killed.join()
+    assert not (tmp_path / f"{tag_for(4)}.universal").exists()
+
+    monkeypatch.setattr(checkpoints, "convert_to_universal", fake_conversion(log, 1))
+    ranks = [context.Process(target=checkpoints.ensure_universal, args=(step4, 2)) for _ in range(2)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=60)
+    assert [rank.exitcode for rank in ranks] == [0, 0]
+    assert len(log.read_text().split()) == 2, "the killed attempt, then one conversion for both ranks"
+    assert (tmp_path / f"{tag_for(4)}.universal").is_dir()
