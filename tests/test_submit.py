@@ -128,9 +128,10 @@ def wait_for_restart(cluster, job: str, log_path: Path, restart: int, timeout: f
 
 def test_requeue_and_sigterm_to_every_process_resume_to_the_same_weights(slurm_cluster, cpt_inputs,
                                                                          uninterrupted_slurm_run, tmp_path):
-    """With the recipes' DataLoader worker per rank: `scontrol requeue` (Slurm requeues the job) and
-    `scancel --signal=TERM --full` (every process of the job, batch shell and srun included: the job
-    requeues itself) in the middle of a step."""
+    """With the recipes' DataLoader worker per rank: `scontrol requeue` (a job kill: SIGTERM to every
+    process, SIGKILL after KillWait; the ranks commit and exit 75, Slurm requeues the job) and
+    `scancel --signal=TERM --full` (every process, srun included, which SIGKILLs the tasks at once;
+    the batch shell requeues the job and the rerun resumes from the last periodic checkpoint)."""
     recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
     job = submit(["cpt", "--config", str(recipe), *CPU_JOB, "--log-dir", str(tmp_path / "logs"), "--parsable"],
                  job_env(slurm_cluster)).stdout.strip()
@@ -138,6 +139,9 @@ def test_requeue_and_sigterm_to_every_process_resume_to_the_same_weights(slurm_c
     slurm_cluster.run("scontrol", "requeue", job)  # as a preemption would: SIGTERM to the job now
     log_path = next((tmp_path / "logs").glob("*.out"))
     wait_for_restart(slurm_cluster, job, log_path, 1)
+    first_run = log_path.read_text().split("restart 1 on")[0]
+    for rank in (0, 1):  # a job kill leaves KillWait (5 s here) between SIGTERM and SIGKILL: enough to commit
+        assert f"[rank {rank}] SIGTERM to committed checkpoint" in first_run, first_run[-3000:]
     wait_for_step(tmp_path / "run", 14)
     slurm_cluster.run("scancel", "--signal=TERM", "--full", job)
     assert slurm_cluster.wait_for(job, timeout=600) == "COMPLETED", log_path.read_text()[-4000:]

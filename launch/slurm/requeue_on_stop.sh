@@ -3,10 +3,11 @@
 # every rank exits 75 within moments of the others; --wait ends the step if a rank dies alone
 # (not --kill-on-bad-exit: it would kill the slower ranks' clean exit 75 and lose the code).
 # The warning signal (--signal=USR1@N: the tasks only; with preempt_send_user_signal also when a
-# preemption starts its GraceTime) lets the ranks commit a checkpoint and exit 75. A SIGTERM to the
-# whole job (preemption without grace, scontrol requeue, scancel --full, the time limit) also reaches
-# srun, and srun answers its own SIGTERM by SIGKILLing the tasks: the run then resumes from the last
-# committed checkpoint (checkpoint.every_steps / every_minutes bound what is lost).
+# preemption starts its GraceTime) lets the ranks commit a checkpoint and exit 75. A job kill
+# (preemption, scontrol requeue, the time limit) sends SIGTERM to every process and SIGKILL
+# KillWait seconds later: the ranks commit if one step plus a save fit in KillWait. A SIGTERM from
+# `scancel --full` also reaches srun, which answers it by SIGKILLing the tasks at once. Either way
+# this shell requeues the job and the rerun resumes from the latest committed checkpoint.
 stop_signal=""
 trap 'stop_signal=SIGTERM' TERM
 trap 'stop_signal=SIGUSR1' USR1
