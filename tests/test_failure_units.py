@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import psutil
+import pytest
 import torch
 
 from data.loader import GlobalBatchLoader
@@ -69,6 +70,7 @@ class Numbers(torch.utils.data.Dataset):
         return {"input_ids": torch.tensor([index])}
 
 
+@pytest.mark.slow  # starts a DataLoader worker process (under a second)
 def test_a_loader_worker_outlives_sigterm_and_sigusr1_from_outside(tmp_path):
     """Slurm signals the workers too: they must keep serving the rank, which decides when to stop."""
     loader = GlobalBatchLoader(Numbers(), global_batch=4, micro_batch=2, num_workers=1)
@@ -149,6 +151,7 @@ def fake_conversion(log, seconds: float):
     return convert
 
 
+@pytest.mark.slow  # forks three processes (about a second)
 def test_universal_conversion_runs_once_under_a_lock_and_restarts_after_a_killed_one(tmp_path, monkeypatch):
     import multiprocessing
 
