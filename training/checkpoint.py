@@ -173,7 +173,9 @@ class CheckpointStore:
         _, refused = self.resume_point()
         notes = []
         for checkpoint, problem in refused:
-            os.replace(checkpoint.path, checkpoint.path.with_name(checkpoint.tag + REFUSED_SUFFIX))
+            aside = checkpoint.path.with_name(checkpoint.tag + REFUSED_SUFFIX)
+            shutil.rmtree(aside, ignore_errors=True)  # an older refusal of the same step
+            os.replace(checkpoint.path, aside)
             shutil.rmtree(checkpoint.path.with_name(checkpoint.tag + UNIVERSAL_SUFFIX), ignore_errors=True)
             notes.append(f"{checkpoint.tag}: {problem}")
         return notes
