@@ -63,16 +63,33 @@ def atomic_directory(path: Path, overwrite: bool = False) -> Iterator[Path]:
         os.replace(tmp, path)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary sibling file and rename it over `path`: readers see the old or the new file."""
+def fsync_path(path: Path) -> None:
+    """Flush a file's or a directory's contents (a directory: its entries, i.e. renames) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str, durable: bool = False) -> None:
+    """Write text to a temporary sibling file and rename it over `path`: readers see the old or the new file.
+    `durable`: the file and the rename are on the disk when this returns (survives a node crash, not only
+    a process crash)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
+    if durable:
+        fsync_path(path.parent)
 
 
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+def write_json_atomic(path: Path, obj: Any, durable: bool = False) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n", durable)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:

@@ -12,6 +12,10 @@ fingerprint. Restoring it is arithmetic: no data is read or skipped.
 
 from __future__ import annotations
 
+import atexit
+import multiprocessing
+import multiprocessing.util  # registers its exit hook now, before ours
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -74,6 +78,30 @@ class GlobalBatchSampler:
             step += 1
 
 
+# Slurm (preemption, scancel, scontrol requeue) signals every process of a job step, DataLoader workers
+# too. torch's worker handler lets a SIGTERM from anyone but the rank kill the worker, and the rank's
+# next batch then fails before it can commit a checkpoint; SIGUSR1 kills by default. Workers ignore
+# both: the rank gets the same signal and stops at the next step boundary, then shuts its workers down.
+WORKER_IGNORED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: the rank, not its workers, acts on stop signals."""
+    for stop_signal in WORKER_IGNORED_SIGNALS:
+        signal.signal(stop_signal, signal.SIG_IGN)
+
+
+def _kill_leftover_workers() -> None:
+    """At the rank's exit, before multiprocessing's own exit hook (which SIGTERMs daemonic children, then
+    joins them): a worker whose loader was not shut down ignores that SIGTERM and would be waited for forever."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
+atexit.register(_kill_leftover_workers)  # after multiprocessing's hook, so it runs before it
+
+
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {key: torch.stack([s[key] for s in samples]) for key in samples[0]}
 
@@ -121,6 +149,7 @@ class GlobalBatchLoader:
         # would shift the dropout stream of a resumed run against an uninterrupted one
         loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
                             num_workers=self.num_workers, persistent_workers=False,
+                            worker_init_fn=ignore_stop_signals if self.num_workers else None,
                             generator=torch.Generator().manual_seed(self.seed))
         micro = 0
         for batch in loader:

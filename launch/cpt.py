@@ -7,7 +7,8 @@ Run it again with the same output_dir and it resumes from the latest committed c
 the data position restored exactly (on another world size too, through DeepSpeed's universal
 checkpoint format). SIGUSR1 or SIGTERM on any rank: the ranks agree at the next step boundary,
 commit a checkpoint and exit with code 75 (EX_TEMPFAIL, "try again"). Exit codes: 0 training
-complete, 2 bad config or inputs (nothing started), 75 stopped by a signal after checkpointing.
+complete, 2 bad config or inputs (nothing started), 3 too many non-finite steps in a row (the last
+good checkpoint is kept), 75 stopped by a signal after checkpointing.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ def main(argv: list[str]) -> int:
     quiet_output(world)  # before the libraries load: one rank prints
     from training.cpt import build_cpt_trainer, plan_cpt
     plan = plan_cpt(config, world)  # every cheap check, before any process group or model exists
-    init_distributed()
+    init_distributed(config.distributed.timeout_minutes)
     outcome = build_cpt_trainer(config, plan, should_stop=stop_signals.requested).train()
-    return stop_signals.exit_code(outcome)
+    return stop_signals.exit_code(outcome, world.rank)
 
 
 if __name__ == "__main__":

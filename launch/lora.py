@@ -5,7 +5,7 @@
 
 Writes <output_dir>/adapter (PEFT format) and <output_dir>/merged (a plain Hugging Face checkpoint)
 when training completes. Rerun with the same output_dir to resume from the latest committed
-checkpoint. SIGUSR1/SIGTERM: checkpoint, then exit code 75; 2 = bad config or data.
+checkpoint. SIGUSR1/SIGTERM: checkpoint, then exit code 75; 2 = bad config or data; 3 = too many non-finite steps.
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def main(argv: list[str]) -> int:
     quiet_output(world)  # before the libraries load: one rank prints
     from training.lora import build_lora_trainer, plan_lora
     plan = plan_lora(config, world)  # every cheap check, before any process group or model exists
-    init_distributed()
+    init_distributed(config.distributed.timeout_minutes)
     outcome = build_lora_trainer(config, plan, should_stop=stop_signals.requested).train()
-    return stop_signals.exit_code(outcome)
+    return stop_signals.exit_code(outcome, world.rank)
 
 
 if __name__ == "__main__":

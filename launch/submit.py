@@ -7,8 +7,9 @@
 
 Stages: prune, prepare_data, cpt, eval, lora; trailing key=value overrides go to the stage.
 cpt and lora jobs get --requeue, --signal=USR1@<signal-seconds> (to the tasks) and
---open-mode=append: on the signal (or a preemption's SIGTERM) the ranks commit a checkpoint and
-exit 75, the job requeues itself, and the rerun resumes from the latest committed checkpoint.
+--open-mode=append: on the signal the ranks commit a checkpoint and exit 75, the job requeues
+itself (also after a SIGTERM to the batch shell), and the rerun resumes from the latest
+committed checkpoint.
 prepare_data with --array N runs N array tasks (shard_index = the task id) and a merge job
 after them. --parsable prints only the job id, for chaining (`--after $(... --parsable)`).
 Errors (no sbatch, a config the stage refuses, more GPUs than the partition has, a refused
@@ -151,8 +152,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--partition")
     parser.add_argument("--account")
     parser.add_argument("--qos")
-    parser.add_argument("--signal-seconds", type=int, default=300,
-                        help="USR1 this long before the time limit: enough to commit a checkpoint")
+    parser.add_argument("--signal-seconds", type=int, default=900,
+                        help="USR1 this long before the time limit: one step plus a checkpoint save of the "
+                             "paper's 13B model with margin (README: Preemption and failures)")
     parser.add_argument("--array", type=int, default=0, help="prepare_data: number of array tasks (shards)")
     parser.add_argument("--after", help="job id(s), comma-separated: start after they succeed")
     parser.add_argument("--env", action="append", default=[], help="NAME=value exported in the job")

@@ -240,3 +240,98 @@ def test_exported_checkpoint_has_the_engines_logits_and_offline_export_matches(i
 
     exported = resolve_checkpoint(str(run_dir / "checkpoints" / tag_for(3)), tmp_path / "scratch")
     assert torch.equal(load_file(Path(exported) / "model.safetensors")[next(iter(at_end))], next(iter(at_end.values())))
+
+
+def test_sigterm_to_every_process_with_loader_workers_commits_and_resumes_exactly(inputs, reference, tmp_path):
+    """As Slurm preempts: SIGTERM to the launcher, its ranks and their DataLoader workers at once."""
+    run_dir = tmp_path / "run"
+    launcher = subprocess.Popen(cpt_command(inputs, run_dir, "zero_stage=2", "data.num_workers=1"),
+                                env=environment(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+    wait_for_step(run_dir, 3, launcher)
+    ranks = [rank_process(launcher, rank) for rank in (0, 1)]
+    assert all(rank.children() for rank in ranks), "each rank has its DataLoader worker"
+    everyone = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
+    os.killpg(launcher.pid, signal.SIGTERM)
+    output, _ = launcher.communicate(timeout=300)
+    psutil.wait_procs(everyone, timeout=60)
+    assert not [p for p in everyone if p.is_running()], "every process of the run has exited"
+    assert "DataLoader worker" not in output, output[-3000:]
+    for rank in (0, 1):  # the deepspeed launcher does not pass the ranks' exit codes on: they print them
+        assert f"[rank {rank}] SIGTERM to committed checkpoint: " in output and "; exit code 75" in output
+    stopped = CheckpointStore(run_dir / "checkpoints", 0, 10, 0).latest().step
+    assert f"stop requested: checkpoint at step {stopped} committed" in output
+    assert 3 <= stopped < STEPS and max(train_losses(run_dir)) == stopped
+    seconds = [float(line.split("checkpoint: ")[1].split(" s")[0]) for line in output.splitlines()
+               if "SIGTERM to committed checkpoint" in line]
+    print(f"signal to committed checkpoint: {max(seconds):.2f} s "
+          f"({sum(f.stat().st_size for f in (run_dir / 'checkpoints' / tag_for(stopped)).rglob('*')) / 1e6:.1f} MB)")
+
+    result = run_cpt(inputs, run_dir, "zero_stage=2", "data.num_workers=1")
+    assert f"resumed from {run_dir / 'checkpoints' / tag_for(stopped)}" in result.stdout
+    assert train_losses(run_dir) == train_losses(reference)
+    resumed, uninterrupted = exported_weights(run_dir), exported_weights(reference)
+    for name in uninterrupted:
+        assert torch.equal(resumed[name], uninterrupted[name]), name
+
+
+def test_a_truncated_rank_file_refuses_the_latest_checkpoint_and_resumes_from_the_one_before(inputs, reference,
+                                                                                          tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns("exports", "step_0000000[8]", "step_00000010"))
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "latest").write_text(tag_for(6))
+    victim = checkpoints / tag_for(6) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    size = victim.stat().st_size
+    os.truncate(victim, size // 2)
+    result = run_cpt(inputs, run_dir, "zero_stage=2")
+    assert (f"checkpoint {checkpoints / tag_for(6)} is not whole (zero_pp_rank_1_mp_rank_00_optim_states.pt has "
+            f"{size // 2:,} bytes, its commit recorded {size:,})") in result.stdout
+    assert f"resumed from {checkpoints / tag_for(4)}" in result.stdout
+    assert (checkpoints / f"{tag_for(6)}.refused").is_dir()  # kept for inspection
+    assert train_losses(run_dir) == train_losses(reference)
+
+
+def test_a_slow_rank_makes_every_rank_dump_its_stacks_and_is_named(inputs, tmp_path):
+    run_dir = tmp_path / "run"
+    script = ROOT / "tests" / "scripts" / "cpt_with_a_slow_rank.py"
+    result = run_cpt(inputs, run_dir, "train_steps=6", "validation.every_steps=0", "checkpoint.every_steps=0",
+                     "checkpoint.export_at_end=false", "watchdog.slow_factor=4", "watchdog.min_seconds=3",
+                     "watchdog.window=5", script=script, script_args=("--slow=1:5:12",))
+    stacks = run_dir / "watchdog" / tag_for(5)
+    assert sorted(p.name for p in stacks.iterdir()) == ["rank_00000.txt", "rank_00001.txt"], result.stdout[-3000:]
+    assert "in slow_train_step" in (stacks / "rank_00001.txt").read_text()  # where the late rank is stuck
+    assert "watchdog: step 5: rank(s) [1] late, still in data of micro-batch 0" in result.stdout
+
+
+def test_nonfinite_steps_are_skipped_and_too_many_in_a_row_stop_the_run(inputs, tmp_path, single_process_group):
+    from training.config import CPTConfig
+    from training.cpt import build_cpt_trainer, plan_cpt
+
+    run_dir = tmp_path / "run"
+    config = load_config(CPTConfig, None, [f"model={inputs['model']}", f"data.path={inputs['tokens']}",
+                                           f"output_dir={run_dir}", *COMMON, "validation.every_steps=0",
+                                           "train_steps=8", "optimizer.max_skipped_steps=2"])
+    plan = plan_cpt(config, single_process_group)
+    trainer = build_cpt_trainer(config, plan, should_stop=lambda: False)
+    poisoned = {3, 5, 6}  # step 3 alone is skipped; 5 and 6 are two in a row: the run stops
+    weights_after = {}
+    train_step = trainer.train_step
+
+    def nan_batches_at_poisoned_steps(batches):
+        weights_after[trainer.step] = [p.detach().clone() for p in trainer.engine.module.parameters()]
+        return train_step(batches)
+
+    def poison(module, args, output):  # a batch whose activations are NaN, as corrupt data would give
+        return output * float("nan") if trainer.step + 1 in poisoned else output
+
+    trainer.train_step = nan_batches_at_poisoned_steps
+    trainer.engine.module.get_input_embeddings().register_forward_hook(poison)
+    assert trainer.train() == "diverged"
+    assert trainer.step == 6
+    unchanged = [torch.equal(a, b) for a, b in zip(weights_after[2], weights_after[3], strict=True)]
+    assert all(unchanged), "the NaN step applied no update"
+    assert not any(torch.equal(a, b) for a, b in zip(weights_after[3], weights_after[4], strict=True))
+    skipped = {r["step"]: r["train.skipped_steps"] for r in records(run_dir) if "train.skipped_steps" in r}
+    assert skipped == {1: 0, 2: 0, 3: 1, 4: 1, 5: 2, 6: 3}
+    assert [c.step for c in CheckpointStore(run_dir / "checkpoints", 0, 10, 0).committed()] == [2, 4]

@@ -121,6 +121,7 @@ def test_resume_on_another_world_size_asks_for_the_universal_format(small_run, t
     fingerprints = plan_cpt(config, WORLD2).fingerprints
     fake_checkpoint(tmp_path / "checkpoints", 4, world_size=4, fingerprints=fingerprints,
                     config={"global_batch": 8, "data": {"seq_len": 64}})
+    (tmp_path / "checkpoints" / f"{tag_for(4)}.universal").mkdir()  # converted already: reused
     plan = plan_cpt(config, WORLD2)
     assert plan.resume_from.step == 4 and plan.needs_universal
     assert deepspeed_config(config, plan)["checkpoint"]["load_universal"] is True

@@ -28,8 +28,7 @@ STEPS = 24
 
 def cpt_recipe(cpt_inputs, path: Path, run_dir: Path) -> Path:
     recipe = {"model": str(cpt_inputs["model"]), "output_dir": str(run_dir), "train_steps": STEPS,
-              "global_batch": 8, "micro_batch": 2, "data": {"path": str(cpt_inputs["tokens"]), "seq_len": 64,
-                                                            "num_workers": 0},
+              "global_batch": 8, "micro_batch": 2, "data": {"path": str(cpt_inputs["tokens"]), "seq_len": 64},
               "optimizer": {"lr": 3e-3}, "checkpoint": {"every_steps": 3, "every_minutes": 0},
               "validation": {"every_steps": 0}, "logging": {"tensorboard": False}}
     path.write_text(yaml.safe_dump(recipe))
@@ -57,10 +56,10 @@ def test_dry_run_writes_a_requeueing_script(cpt_inputs, tmp_path):
     script = next((tmp_path / "logs").glob("*.sbatch")).read_text()
     assert script in result.stdout
     for line in ("#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8",
-                 "#SBATCH --requeue", "#SBATCH --signal=USR1@300", "#SBATCH --open-mode=append"):
+                 "#SBATCH --requeue", "#SBATCH --signal=USR1@900", "#SBATCH --open-mode=append"):
         assert line in script.splitlines(), line
     assert "srun --wait=120" in script and "global_batch=64" in script
-    assert 'if [ "$rc" -eq 75 ]' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+    assert 'if [ "$rc" -eq 75 ] || [ -n "$stop_signal" ]' in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
     bad = submit(["cpt", "--config", str(recipe), "--nodes", "2", "--gpus-per-node", "8", "--dry-run"],
                  job_env_plain(), expect=2)
     assert "global_batch 8 does not divide into micro_batch 2 x 16 processes" in bad.stderr
@@ -113,26 +112,42 @@ def test_two_task_training_job_runs_to_completion(uninterrupted_slurm_run):
     assert (run_dir / "exports" / f"step_{STEPS:08d}" / "model.safetensors").is_file()
 
 
-def test_requeue_and_usr1_resume_to_the_same_weights(slurm_cluster, cpt_inputs, uninterrupted_slurm_run, tmp_path):
+def wait_for_restart(cluster, job: str, log_path: Path, restart: int, timeout: float = 240) -> None:
+    """Until the requeued run `restart` has resumed from a checkpoint."""
+    deadline = time.monotonic() + timeout
+    while cluster.restart_count(job) < restart and time.monotonic() < deadline:
+        time.sleep(0.5)
+    marker = f"restart {restart} on"
+    while time.monotonic() < deadline:
+        text = log_path.read_text() if log_path.exists() else ""
+        if marker in text and "resumed from" in text.split(marker)[-1]:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"run {restart} did not resume in {timeout} s")
+
+
+def test_requeue_and_sigterm_to_every_process_resume_to_the_same_weights(slurm_cluster, cpt_inputs,
+                                                                         uninterrupted_slurm_run, tmp_path):
+    """With the recipes' DataLoader worker per rank: `scontrol requeue` (a job kill: SIGTERM to every
+    process, SIGKILL after KillWait; the ranks commit and exit 75, Slurm requeues the job) and
+    `scancel --signal=TERM --full` (every process, srun included, which SIGKILLs the tasks at once;
+    the batch shell requeues the job and the rerun resumes from the last periodic checkpoint)."""
     recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
     job = submit(["cpt", "--config", str(recipe), *CPU_JOB, "--log-dir", str(tmp_path / "logs"), "--parsable"],
                  job_env(slurm_cluster)).stdout.strip()
     wait_for_step(tmp_path / "run", 5)
     slurm_cluster.run("scontrol", "requeue", job)  # as a preemption would: SIGTERM to the job now
-    deadline = time.monotonic() + 240
-    while slurm_cluster.restart_count(job) < 1 and time.monotonic() < deadline:
-        time.sleep(0.5)
     log_path = next((tmp_path / "logs").glob("*.out"))
-    while "restart 1 on" not in log_path.read_text() and time.monotonic() < deadline:
-        time.sleep(0.5)
-    while "resumed from" not in log_path.read_text().split("restart 1 on")[-1] and time.monotonic() < deadline:
-        time.sleep(0.5)
+    wait_for_restart(slurm_cluster, job, log_path, 1)
+    first_run = log_path.read_text().split("restart 1 on")[0]
+    for rank in (0, 1):  # a job kill leaves KillWait (5 s here) between SIGTERM and SIGKILL: enough to commit
+        assert f"[rank {rank}] SIGTERM to committed checkpoint" in first_run, first_run[-3000:]
     wait_for_step(tmp_path / "run", 14)
-    slurm_cluster.run("scancel", "--signal=USR1", job)  # the warning signal, to every task
+    slurm_cluster.run("scancel", "--signal=TERM", "--full", job)
     assert slurm_cluster.wait_for(job, timeout=600) == "COMPLETED", log_path.read_text()[-4000:]
     log = log_path.read_text()
-    assert "restart 2 on" in log and "stopped after a committed checkpoint: requeueing" in log
-    assert log.count("resumed from") == 2
+    assert "restart 2 on" in log and "SIGTERM (srun exit" in log and "requeueing job" in log
+    assert log.count("resumed from") == 2 and "DataLoader worker" not in log
     resumed = load_file(tmp_path / "run" / "exports" / f"step_{STEPS:08d}" / "model.safetensors")
     reference = load_file(uninterrupted_slurm_run[0] / "exports" / f"step_{STEPS:08d}" / "model.safetensors")
     for name in reference:

@@ -49,10 +49,13 @@ class OptimizerSection:
     weight_decay: float = 0.1
     eps: float = 1e-8
     grad_clip: float = 1.0
+    max_skipped_steps: int = 3
 
     __field_docs__ = {
         "weight_decay": "applied to matrices and embeddings; biases and norm gains (1-D tensors) are exempt",
         "grad_clip": "max global gradient norm (0 disables clipping)",
+        "max_skipped_steps": "a non-finite loss or gradient norm skips the optimizer step; this many in a row "
+                             "stop the run (exit code 3), keeping the last good checkpoint",
     }
 
     def validate(self) -> None:
@@ -62,6 +65,8 @@ class OptimizerSection:
             raise ConfigError("optimizer.betas must be two numbers in [0, 1), e.g. [0.9, 0.95]")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ConfigError("optimizer.weight_decay and optimizer.grad_clip must be 0 or more")
+        if self.max_skipped_steps < 1:
+            raise ConfigError("optimizer.max_skipped_steps must be at least 1")
 
 
 @dataclass
@@ -108,6 +113,37 @@ class CheckpointSection:
             raise ConfigError("checkpoint.every_steps, every_minutes and permanent_every must be 0 or more")
         if self.keep_last < 1:
             raise ConfigError("checkpoint.keep_last must be at least 1 (the one to resume from)")
+
+
+@dataclass
+class DistributedSection:
+    timeout_minutes: float = 30.0
+
+    __field_docs__ = {"timeout_minutes": "how long a collective waits for the other ranks before the run fails "
+                                         "(torch's own default for NCCL: 10)"}
+
+    def validate(self) -> None:
+        if self.timeout_minutes <= 0:
+            raise ConfigError("distributed.timeout_minutes must be positive")
+
+
+@dataclass
+class WatchdogSection:
+    slow_factor: float = 10.0
+    min_seconds: float = 60.0
+    window: int = 50
+
+    __field_docs__ = {
+        "slow_factor": "a step this many times the median of the recent ones dumps every rank's Python stacks "
+                       "into <output_dir>/watchdog/ and names the late rank (0: off)",
+        "min_seconds": "never before a step has run this long",
+        "window": "recent steps the median is taken over",
+    }
+
+    def validate(self) -> None:
+        if self.slow_factor < 0 or self.min_seconds < 0 or self.window < 3:
+            raise ConfigError("watchdog.slow_factor and watchdog.min_seconds must be 0 or more, watchdog.window 3 "
+                              "or more")
 
 
 @dataclass
@@ -246,6 +282,8 @@ class TrainingConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
+    watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     resume: bool = True
     seed: int = 1234
     deepspeed: dict[str, Any] = field(default_factory=dict)

@@ -94,10 +94,13 @@ def quiet_output(world: WorldInfo) -> None:
     warnings.simplefilter("ignore")
 
 
-def init_distributed() -> None:
+def init_distributed(timeout_minutes: float = 30.0) -> None:
+    """The process group, with `timeout_minutes` for any collective (torch's default for NCCL is 10)."""
+    from datetime import timedelta
+
     import deepspeed  # heavy; imported only once the run is known to be valid
 
-    deepspeed.init_distributed(dist_init_required=True)
+    deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(minutes=timeout_minutes))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
 
@@ -115,9 +118,10 @@ def all_sum(values: list[float], device: torch.device) -> list[float]:
     return tensor.tolist()
 
 
-def broadcast_object(obj, src: int = 0):
+def all_gather_object(obj) -> list:
+    """Every rank's `obj`, in rank order (also a barrier)."""
     if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered

@@ -1,10 +1,12 @@
 """The checks every training stage (CPT, LoRA) makes before any process group, model or optimizer exists.
 
 `plan_training` is cheap (batch layout, device and precision, an attention implementation that can
-mask documents, kernel options, the run directory's checkpoint metadata) and runs on every rank
-before distributed start-up, so a bad batch layout, an attention kernel that would let packed
-documents see each other, or a checkpoint from another run fails in seconds with one clear
-message, identically on all ranks.
+mask documents, kernel options, the run directory's checkpoint metadata and file lists) and runs on
+every rank before distributed start-up, so a bad batch layout, an attention kernel that would let
+packed documents see each other, or a checkpoint from another run fails in seconds with one clear
+message, identically on all ranks. Its one expensive step comes last, after every check: converting
+the checkpoint to resume from to DeepSpeed's universal format when the world size changed (once,
+under a file lock, no collective).
 The stages add their own checks (`training/cpt.plan_cpt`, `training/lora.plan_lora`).
 """
 
@@ -23,7 +25,7 @@ from data.embedded import resolve_model
 from data.precision import resolve_device, resolve_precision
 from data.shards import DataMismatchError
 from training.attention import resolve_attention
-from training.checkpoint import CheckpointStore, Committed
+from training.checkpoint import CheckpointStore, Committed, ensure_universal
 from training.config import TrainingConfig
 from training.distributed import WorldInfo
 from training.kernels import check_kernels
@@ -102,14 +104,20 @@ def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fin
     precision = resolve_precision(config.precision, device)
     attention = resolve_attention(config.attn_implementation, device, precision)
     check_kernels(config.kernels, device)
-    resume_from = checkpoint_store(config, world.rank).latest()
+    store = checkpoint_store(config, world.rank)
+    resume_from, refused = store.resume_point()
+    if world.rank == 0:
+        for checkpoint, problem in refused:
+            print(f"checkpoint {checkpoint.path} is not whole ({problem}): resuming from an older one")
     needs_universal = False
+    if store.latest() is not None and not config.resume:
+        raise ConfigError(f"{config.output_dir} already holds checkpoints (latest {store.latest().tag}); set "
+                          "resume=true to continue it, or choose a new output_dir")
     if resume_from is not None:
-        if not config.resume:
-            raise ConfigError(f"{config.output_dir} already holds checkpoints (latest {resume_from.tag}); set "
-                              "resume=true to continue it, or choose a new output_dir")
         check_resume(config, resume_from, fingerprints, invariants)
         needs_universal = resume_from.metadata()["world_size"] != world.world_size
+        if needs_universal:  # before any process group: no collective waits on this, however long it takes
+            ensure_universal(resume_from, world.world_size)
     return RunPlan(world, model_path, accumulation, total_steps, seq_len, precision, device, fingerprints,
                    resume_from, needs_universal, attention)
 

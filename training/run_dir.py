@@ -8,6 +8,7 @@
     hf_template/     model config + tokenizer (+ the LoRA adapter config and base model): what an
                      export of any checkpoint needs besides the checkpoint's weights
     exports/step_N/  Hugging Face checkpoints exported from the live engine (CPT)
+    watchdog/step_N/ every rank's Python stacks from a step that ran far longer than usual
     adapter/, merged/, data_report.json   LoRA's outputs
 """
 
@@ -50,6 +51,10 @@ class RunDir:
     @property
     def template(self) -> Path:
         return self.root / "hf_template"
+
+    @property
+    def watchdog(self) -> Path:
+        return self.root / "watchdog"
 
     def export(self, step: int) -> Path:
         return self.root / "exports" / tag_for(step)

@@ -14,6 +14,10 @@ DeepSpeed, then one all-reduce that averages the loss and lets the ranks agree o
 stop was requested (SIGUSR1/SIGTERM on any rank) and a timed checkpoint is due (rank 0's clock).
 Periodic evaluations (held-out loss, lm-eval zero-shot) run at their steps; checkpoints are saved
 every N steps, every T minutes, on a stop and at the end. A stop saves and returns "preempted".
+A non-finite loss or gradient norm: DeepSpeed's overflow check (on for every ZeRO stage and
+precision here) skips the optimizer step on every rank; the step is counted and logged, and
+`optimizer.max_skipped_steps` in a row end the run with "diverged", without a checkpoint of them.
+A step far slower than usual makes the watchdog (`training/watchdog.py`) dump every rank's stacks.
 """
 
 from __future__ import annotations
@@ -32,15 +36,16 @@ from data.config import merge_dicts, save_config, to_dict
 from data.loader import GlobalBatchLoader, to_device
 from data.precision import torch_dtype
 from training.attention import register_varlen
-from training.checkpoint import CheckpointError, CheckpointStore, convert_to_universal, restore_rng
+from training.checkpoint import UNIVERSAL_SUFFIX, CheckpointError, CheckpointStore, restore_rng
 from training.config import TrainingConfig
-from training.distributed import all_sum, barrier, broadcast_object
+from training.distributed import all_sum, barrier
 from training.kernels import speed_up
 from training.metrics import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.preflight import RunPlan, checkpoint_store
 from training.run_dir import RunDir
 from training.throughput import flops_per_token, peak_flops, peak_memory_gb
+from training.watchdog import StepWatchdog
 
 
 class TrainingLoss(Protocol):
@@ -114,8 +119,9 @@ def load_model(config: TrainingConfig, plan: RunPlan, path: str | None = None) -
 
 def prepare_run_dir(config: TrainingConfig, rank: int, template: Callable[[Path], None]) -> None:
     """Rank 0 creates the run directory, saves the resolved config and the export template (`template`
-    writes it into the directory it is given), and clears half-written checkpoints. Seeds every RNG
-    alike, so new weights (LoRA adapters) are the same on every rank and every run."""
+    writes it into the directory it is given), clears half-written checkpoints and sets aside committed
+    ones whose files are no longer whole. Seeds every RNG alike, so new weights (LoRA adapters) are the
+    same on every rank and every run."""
     set_seed(config.seed)
     run = RunDir(config.output_dir)
     if rank == 0:
@@ -123,8 +129,11 @@ def prepare_run_dir(config: TrainingConfig, rank: int, template: Callable[[Path]
         save_config(config, run.config)
         run.template.mkdir(exist_ok=True)
         template(run.template)
-        for name in checkpoint_store(config, rank).clean_partial():
+        store = checkpoint_store(config, rank)
+        for name in store.clean_partial():
             print(f"removed {name}: a checkpoint that was being written when the last run stopped")
+        for note in store.set_aside_refused():
+            print(f"refused checkpoint {note}: set aside as .refused, resuming from an older one")
     barrier()
 
 
@@ -147,13 +156,16 @@ class Trainer:
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, plan))
         self.loader, self.evaluations, self.exporter, self.loss = loader, list(evaluations), exporter, loss
-        self.step, self.tokens = 0, 0
+        self.step, self.tokens, self.skipped_steps = 0, 0, 0
         torch.manual_seed(config.seed + self.rank)  # dropout differs per rank; a resume restores the streams
         if plan.resume_from is not None:
             self.resume()
         self.metrics = MetricsLogger(self.run, self.rank == 0, self.step, plan.total_steps,
                                      config.logging.tensorboard, config.logging.every_steps)
         self.last_save = time.monotonic()
+        watchdog = config.watchdog
+        self.watchdog = StepWatchdog(self.run.watchdog, self.rank, self.world_size, watchdog.slow_factor,
+                                     watchdog.min_seconds, watchdog.window)
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> str:
@@ -165,22 +177,27 @@ class Trainer:
         if self.step == 0:
             self.evaluate(0, force=True)  # the starting point, for the curves
         batches = iter(self.loader)
+        skipped_in_a_row = 0
         while self.step < total:
             lr = self.scheduler.get_last_lr()[0]
             started = time.perf_counter()
+            self.watchdog.begin(self.step + 1)
+            skipped_before = self.engine.skipped_steps
             local_loss, local_tokens, data_wait, local_extras = self.train_step(batches)
-            elapsed = time.perf_counter() - started
             self.step += 1
             timed_save = self.rank == 0 and self.config.checkpoint.every_minutes > 0 and \
                 time.monotonic() - self.last_save >= 60 * self.config.checkpoint.every_minutes
+            self.watchdog.mark(self.plan.accumulation, "step-end all-reduce")
             loss_sum, tokens, stop_votes, timed_votes, *extras = all_sum(
                 [local_loss, local_tokens, float(self.should_stop()), float(timed_save), *local_extras.values()],
                 self.plan.device)
+            self.watchdog.end()
+            elapsed = time.perf_counter() - started
             self.tokens += int(tokens)
-            if not math.isfinite(loss_sum):
-                latest = self.checkpoints.latest()
-                raise FloatingPointError(f"the training loss is {loss_sum} at step {self.step}; resume from "
-                                         f"{latest.path if latest else 'the start'} with a lower optimizer.lr")
+            skipped = self.engine.skipped_steps > skipped_before  # DeepSpeed agrees on it across ranks
+            self.check_update(loss_sum, skipped)
+            self.skipped_steps += skipped
+            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
             metrics = self.step_metrics(loss_sum / self.world_size, lr, tokens / elapsed, elapsed, data_wait)
             for name, value in zip(local_extras, extras, strict=True):
                 metrics[name] = value / self.world_size
@@ -188,30 +205,64 @@ class Trainer:
                     metrics[name.removesuffix("_s") + "_fraction"] = value / self.world_size / elapsed
             self.metrics.log(self.step, metrics)
             self.metrics.progress(self.step, metrics)
+            if skipped:
+                self.metrics.message(f"step {self.step}: non-finite loss ({metrics['train.loss']:.4g}) or gradient "
+                                     f"norm: optimizer step skipped ({skipped_in_a_row} in a row, "
+                                     f"{self.skipped_steps} in all)")
+            if skipped_in_a_row >= self.config.optimizer.max_skipped_steps:
+                return self.diverged(skipped_in_a_row)
             self.evaluate(self.step)
             every = self.config.checkpoint.every_steps
             if stop_votes or timed_votes or (every and self.step % every == 0) or self.step == total:
                 self.save()
             if stop_votes and self.step < total:
                 self.metrics.message(f"stop requested: checkpoint at step {self.step} committed, exiting")
-                self.metrics.close()
+                self.close()
                 return "preempted"
         if self.config.checkpoint.export_at_end:
             self.export()
-        self.metrics.close()
+        self.close()
         return "completed"
+
+    def close(self) -> None:
+        self.watchdog.close()
+        self.metrics.close()
+
+    def check_update(self, loss_sum: float, skipped: bool) -> None:
+        """A non-finite loss must have made DeepSpeed skip the update; if it did not (its overflow check
+        turned off through the `deepspeed` overrides), the weights are no longer trustworthy."""
+        if not math.isfinite(loss_sum) and not skipped:
+            latest = self.checkpoints.latest()
+            raise FloatingPointError(f"the training loss is {loss_sum} at step {self.step} and DeepSpeed applied the "
+                                     "update anyway (keep zero_optimization.compute_grad_norm and "
+                                     "bf16.check_grad_overflow on); resume from "
+                                     f"{latest.path if latest else 'the start'}")
+
+    def diverged(self, in_a_row: int) -> str:
+        latest = self.checkpoints.latest()
+        self.metrics.message(
+            f"stopping: {in_a_row} optimizer steps in a row (steps {self.step - in_a_row + 1}..{self.step}) had a "
+            f"non-finite loss or gradient norm (optimizer.max_skipped_steps={self.config.optimizer.max_skipped_steps})."
+            f" The last good checkpoint is {latest.path if latest else '(none: the start)'}; resume from it with a "
+            "lower optimizer.lr, or look at the data of those steps")
+        self.close()
+        return "diverged"
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, int, float, dict[str, float]]:
         """One optimizer step: forward/backward over the micro-batches; DeepSpeed steps at the boundary.
         Returns this rank's mean loss, its tokens (padding excluded), the seconds spent waiting for data
         and the loss's own metrics (see `TrainingLoss`)."""
         losses, tokens, data_wait, extras = [], 0, 0.0, {}
-        for _ in range(self.plan.accumulation):
+        for micro in range(self.plan.accumulation):
+            self.watchdog.mark(micro, "data")
             waited = time.perf_counter()
             batch = to_device(next(batches), self.plan.device)
             data_wait += time.perf_counter() - waited
+            self.watchdog.mark(micro, "forward")
             loss, loss_metrics = self.loss(self.engine, batch)
+            self.watchdog.mark(micro, "backward")
             self.engine.backward(loss)
+            self.watchdog.mark(micro, "optimizer step")
             self.engine.step()
             losses.append(loss.detach().float())
             for name, value in loss_metrics.items():
@@ -227,7 +278,7 @@ class Trainer:
         mfu = self.flops_per_token * tokens_per_s / (self.world_size * self.peak_flops) if self.peak_flops else None
         return {"train.loss": loss, "train.lr": lr,
                 "train.grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "train.tokens": self.tokens,
+                "train.tokens": self.tokens, "train.skipped_steps": self.skipped_steps,
                 "perf.tokens_per_s": tokens_per_s, "perf.step_s": elapsed, "perf.mfu": mfu,
                 "perf.data_wait_fraction": data_wait / elapsed, "perf.memory_gb": peak_memory_gb(self.plan.device)}
 
@@ -243,43 +294,30 @@ class Trainer:
 
     # ---- checkpoints ----------------------------------------------------------------------------
     def client_state(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens,
+        """Our part of a checkpoint, plain types only: it goes to shorten_checkpoint.json, not into a pickle."""
+        return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
                 "loader": self.loader.state_dict(), "world_size": self.world_size,
                 "config": to_dict(self.config), "fingerprints": self.plan.fingerprints,
                 "versions": library_versions()}
 
     def save(self) -> None:
         started = time.perf_counter()
-        state = self.client_state()
-        path = self.checkpoints.save(self.engine, self.step, {"client_state": state}, state,
-                                     exclude_frozen=self.frozen_base)
+        path = self.checkpoints.save(self.engine, self.step, self.client_state(), exclude_frozen=self.frozen_base)
         self.last_save = time.monotonic()
         self.metrics.log(self.step, {"time.checkpoint_s": time.perf_counter() - started})
         self.metrics.message(f"checkpoint committed: {path}")
 
     def resume(self) -> None:
         checkpoint = self.plan.resume_from
-        tag = checkpoint.tag
-        if self.plan.needs_universal:
-            if self.rank == 0:
-                print(f"world size {checkpoint.metadata()['world_size']} -> {self.world_size}: converting "
-                      f"{checkpoint.tag} to DeepSpeed's universal format")
-            error = None
-            if self.rank == 0:
-                try:
-                    tag = convert_to_universal(checkpoint).name
-                except CheckpointError as err:
-                    error = str(err)
-            tag, error = broadcast_object((tag, error))
-            if error:
-                raise CheckpointError(error)
-        path, client = self.engine.load_checkpoint(str(checkpoint.path.parent), tag=tag,
-                                                   load_module_strict=not self.frozen_base)
+        # a world-size change: converted before the process group existed (training/preflight.py)
+        tag = checkpoint.tag + UNIVERSAL_SUFFIX if self.plan.needs_universal else checkpoint.tag
+        path, _ = self.engine.load_checkpoint(str(checkpoint.path.parent), tag=tag,
+                                              load_module_strict=not self.frozen_base)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {checkpoint.path.parent / tag}")
-        state = client["client_state"]
+        state = checkpoint.metadata()
         self.loader.load_state_dict(state["loader"])
-        self.step, self.tokens = state["step"], state["tokens"]
+        self.step, self.tokens, self.skipped_steps = state["step"], state["tokens"], state.get("skipped_steps", 0)
         rng = None if self.plan.needs_universal else self.checkpoints.rng_state(checkpoint)
         if rng is not None:
             restore_rng(rng)

@@ -1,0 +1,181 @@
+"""Failure handling without launching a run: RNG files that load with weights_only, checkpoints whose
+files are not whole, DataLoader workers that outlive a stop signal, the watchdog naming a late rank,
+the universal conversion under a lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+
+import numpy as np
+import psutil
+import pytest
+import torch
+
+from data.loader import GlobalBatchLoader
+from training import stop_signals
+from training.checkpoint import METADATA, CheckpointStore, capture_rng, restore_rng
+from training.run_dir import tag_for
+from training.watchdog import StepWatchdog
+
+
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # a cached Gaussian in numpy's state
+    torch.save(capture_rng(), tmp_path / "rng.pt")
+    expected = (random.random(), np.random.standard_normal(2).tolist(), torch.rand(2).tolist())
+    restore_rng(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (random.random(), np.random.standard_normal(2).tolist(), torch.rand(2).tolist()) == expected
+
+
+def committed(directory, step: int, files: dict[str, bytes]):
+    path = directory / tag_for(step)
+    for name, content in files.items():
+        (path / name).parent.mkdir(parents=True, exist_ok=True)
+        (path / name).write_bytes(content)
+    (path / METADATA).write_text(json.dumps({"step": step, "world_size": 2,
+                                             "files": {name: len(content) for name, content in files.items()}}))
+    return path
+
+
+def test_a_checkpoint_with_a_missing_or_truncated_file_is_refused_for_the_one_before(tmp_path):
+    store = CheckpointStore(tmp_path, rank=0, keep_last=5, permanent_every=0)
+    files = {"model.pt": b"m" * 100, "rng/rank_00001.pt": b"r" * 10}
+    for step in (2, 4, 6):
+        committed(tmp_path, step, files)
+    (tmp_path / "latest").write_text(tag_for(6))
+    assert store.resume_point() == (store.committed()[-1], [])
+    os.truncate(tmp_path / tag_for(6) / "rng" / "rank_00001.pt", 4)
+    (tmp_path / tag_for(4) / "model.pt").unlink()
+    resume, refused = store.resume_point()
+    assert resume.step == 2
+    assert [(c.step, problem) for c, problem in refused] == [
+        (6, "rng/rank_00001.pt has 4 bytes, its commit recorded 10"), (4, "model.pt is missing")]
+    assert len(store.set_aside_refused()) == 2
+    assert [c.step for c in store.committed()] == [2]
+    assert (tmp_path / f"{tag_for(6)}.refused").is_dir() and (tmp_path / f"{tag_for(4)}.refused").is_dir()
+
+
+class Numbers(torch.utils.data.Dataset):
+    fingerprint = "numbers"
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": torch.tensor([index])}
+
+
+@pytest.mark.slow  # starts a DataLoader worker process (under a second)
+def test_a_loader_worker_outlives_sigterm_and_sigusr1_from_outside(tmp_path):
+    """Slurm signals the workers too: they must keep serving the rank, which decides when to stop."""
+    loader = GlobalBatchLoader(Numbers(), global_batch=4, micro_batch=2, num_workers=1)
+    batches = iter(loader)
+    first = [next(batches)["input_ids"].flatten().tolist() for _ in range(2)]
+    workers = psutil.Process().children()
+    assert len(workers) == 1
+    for stop_signal in (signal.SIGTERM, signal.SIGUSR1):
+        os.kill(workers[0].pid, stop_signal)
+    time.sleep(0.5)
+    rest = [next(batches)["input_ids"].flatten().tolist() for _ in range(30)]
+    assert workers[0].is_running()
+    served = sorted(i for batch in first + rest for i in batch)
+    assert served == list(range(64))  # one epoch, nothing lost
+    del batches  # the loader shuts its worker down
+    psutil.wait_procs(workers, timeout=30)
+
+
+def test_exit_codes_of_the_outcomes():
+    assert [stop_signals.exit_code(o, 0) for o in ("completed", "preempted", "diverged")] == [0, 75, 3]
+
+
+def test_watchdog_dumps_stacks_and_names_the_rank_behind(tmp_path, capsys):
+    """Two ranks' watchdogs in one process (a shared run directory): rank 1 is still fetching data
+    while rank 0 waits in the step-end all-reduce."""
+    ranks = [StepWatchdog(tmp_path, rank, 2, slow_factor=3, min_seconds=0.3, window=5, poll_s=0.05, gather_s=5)
+             for rank in (0, 1)]
+    for step in (1, 2, 3):
+        for watchdog in ranks:
+            watchdog.begin(step)
+        time.sleep(0.05)
+        for watchdog in ranks:
+            watchdog.end()
+    for watchdog in ranks:
+        watchdog.begin(4)
+    ranks[0].mark(2, "step-end all-reduce")
+    ranks[1].mark(1, "data")
+    deadline, out = time.monotonic() + 15, ""
+    while "late" not in out and time.monotonic() < deadline:
+        time.sleep(0.1)
+        out += capsys.readouterr().out
+    for watchdog in ranks:
+        watchdog.close()
+    assert "watchdog: step 4: rank(s) [1] late, still in data of micro-batch 1" in out
+    folder = tmp_path / tag_for(4)
+    assert sorted(p.name for p in folder.iterdir()) == ["rank_00000.txt", "rank_00001.txt"]
+    status = json.loads((folder / "rank_00001.txt").read_text().splitlines()[0])
+    assert (status["step"], status["micro_batch"], status["phase"]) == (4, 1, "data")
+    assert "test_watchdog_dumps_stacks_and_names_the_rank_behind" in (folder / "rank_00000.txt").read_text()
+    assert not list(tmp_path.glob(f"{tag_for(3)}*")), "normal steps leave nothing"
+
+
+def test_watchdog_names_every_rank_when_all_are_slow_alike(tmp_path, capsys):
+    watchdog = StepWatchdog(tmp_path, 0, 1, slow_factor=3, min_seconds=0.2, window=5, poll_s=0.05, gather_s=2)
+    for step in (1, 2, 3):
+        watchdog.begin(step)
+        watchdog.end()
+    watchdog.begin(4)
+    watchdog.mark(0, "backward")
+    time.sleep(1.0)
+    watchdog.close()
+    assert "every rank is in backward of micro-batch 0" in capsys.readouterr().out
+
+
+
+def fake_conversion(log, seconds: float):
+    """A stand-in for DeepSpeed's converter: notes who converted, takes `seconds`, leaves the target."""
+
+    def convert(checkpoint, target):
+        tmp = target.with_name(".tmp-" + target.name)
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed attempt's leftovers, as the real one does
+        tmp.mkdir()
+        with open(log, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        time.sleep(seconds)
+        tmp.rename(target)
+
+    return convert
+
+
+@pytest.mark.slow  # forks three processes (about a second)
+def test_universal_conversion_runs_once_under_a_lock_and_restarts_after_a_killed_one(tmp_path, monkeypatch):
+    import multiprocessing
+
+    from training import checkpoint as checkpoints
+
+    committed(tmp_path, 4, {"model.pt": b"m"})
+    step4 = CheckpointStore(tmp_path, 0, 5, 0).committed()[0]
+    log = tmp_path / "converted_by"
+    context = multiprocessing.get_context("fork")
+    monkeypatch.setattr(checkpoints, "convert_to_universal", fake_conversion(log, 60))
+    killed = context.Process(target=checkpoints.ensure_universal, args=(step4, 1))
+    killed.start()
+    while not log.exists():
+        time.sleep(0.05)
+    killed.kill()  # dies holding the lock, midway
+    killed.join()
+    assert not (tmp_path / f"{tag_for(4)}.universal").exists()
+
+    monkeypatch.setattr(checkpoints, "convert_to_universal", fake_conversion(log, 1))
+    ranks = [context.Process(target=checkpoints.ensure_universal, args=(step4, 2)) for _ in range(2)]
+    for rank in ranks:
+        rank.start()
+    for rank in ranks:
+        rank.join(timeout=60)
+    assert [rank.exitcode for rank in ranks] == [0, 0]
+    assert len(log.read_text().split()) == 2, "the killed attempt, then one conversion for both ranks"
+    assert (tmp_path / f"{tag_for(4)}.universal").is_dir()
