@@ -155,3 +155,12 @@ def test_the_batch_rule_has_one_home():
     with pytest.raises(ConfigError, match=r"global_batch 500 does not divide into micro_batch 2 x 8 processes.*"
                                           r"global_batch=496"):
         accumulation_steps(500, 2, 8)
+
+
+@pytest.mark.parametrize("stage", sorted(RECIPE_STAGES.values()))
+def test_every_stage_config_round_trips_through_its_saved_yaml(stage, tmp_path):
+    """What a run saves beside its artifacts (`save_config`) loads back to the same config."""
+    given = ["model=embedded:smollm2-135m"] if stage == "eval" else ["train_steps=3"] if stage == "cpt" else []
+    config = load_config(stage_config_class(stage), None, given)
+    save_config(config, tmp_path / "resolved.yaml")
+    assert load_config(stage_config_class(stage), tmp_path / "resolved.yaml") == config

@@ -238,6 +238,7 @@ class DistillSection:
             raise ConfigError("distill.temperature must be positive and distill.chunk at least 1")
 
 
+@dataclass
 class ZeroSection:
     """DeepSpeed ZeRO's communication settings (`zero_stage` picks the stage). ZeRO-1 reduces gradients once
     per optimizer step; ZeRO-2/3 reduce (scatter) them at every micro-step, which `overlap_comm` hides
