@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from data.config import ConfigError
+from pruning.calibration import CalibrationBos
 
 Criterion = Literal["ppl", "ppl+", "taylor", "taylor+", "mag", "mag+", "block_influence", "block_influence+"]
 CRITERIA: tuple[str, ...] = Criterion.__args__
@@ -14,7 +15,8 @@ CRITERIA: tuple[str, ...] = Criterion.__args__
 
 @dataclass
 class CalibrationConfig:
-    """The paper's default: 10 random 128-token samples, seed 1234, from book text."""
+    """The paper's default: 10 random 128-token samples, seed 1234, from book text, drawn by the
+    official sampler (pruning/calibration.py)."""
 
     source: str = "embedded:books.jsonl"
     text_field: str = "text"
@@ -24,10 +26,13 @@ class CalibrationConfig:
     seq_len: int = 128
     seed: int = 1234
     batch_size: int = 10
+    bos: CalibrationBos = "special_tokens"
 
     __field_docs__ = {
         "source": ".txt/.jsonl/.jsonl.zst/.json file, embedded:NAME, or a Hugging Face dataset name",
-        "batch_size": "calibration samples per forward pass",
+        "batch_size": "calibration samples per forward pass (Taylor: one backward per batch)",
+        "bos": "special_tokens = rows tokenized with the tokenizer's special tokens (official LLaMA/Vicuna "
+               "scripts); every = BOS put before each window (official Gemma scripts, --add_bos_to_every)",
     }
 
     def validate(self) -> None:
@@ -52,7 +57,8 @@ class TargetConfig:
 
     __field_docs__ = {
         "num_blocks": "number of blocks to remove",
-        "param_ratio": "fraction of all parameters to remove (the paper's '20% pruned' = 0.2)",
+        "param_ratio": "fraction of all parameters to remove: the most blocks that stay within it (a floor; the "
+                       "paper's ratios are labels of block counts: use target.num_blocks to reproduce them)",
         "blocks": "explicit block indices to remove (scores are still computed and reported)",
     }
 
@@ -82,20 +88,25 @@ class PruneConfig:
     protect_first: int | None = None
     protect_last: int | None = None
     device: str = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     verify_reload: bool = True
+    dry_run: bool = False
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
 
     __field_docs__ = {
         "model": "HF model directory or hub name, or embedded:smollm2-135m",
-        "criterion": "ppl | taylor | mag | block_influence; a '+' keeps the first 4 and last 2 blocks",
+        "criterion": "ppl | taylor | mag | block_influence; a '+' keeps the first 4 and last 2 blocks "
+                     "(the official code applies that protection to every criterion: see configs/prune/paper/)",
         "iterative": "ppl only: remove one block at a time and rescore (SLEB-style)",
         "protect_first": "blocks at the start never removed (default 4 for '+' criteria, else 0)",
         "protect_last": "blocks at the end never removed (default 2 for '+' criteria, else 0)",
         "device": "auto | cpu | cuda | cuda:N",
-        "dtype": "auto = float32 on CPU, bfloat16 on GPU",
+        "dtype": "fp32 | bf16 | fp16 | auto (fp32 on CPU, bf16 on GPU); the official code scores PPL in fp16 on "
+                 "the GPU and Taylor in fp32",
         "verify_reload": "reload the written checkpoint and check every weight was loaded",
+        "dry_run": "load only the model's config (no weights) and print the plan: candidates, blocks to "
+                   "remove, parameters before and after; writes nothing",
     }
 
     @property
