@@ -147,8 +147,11 @@ class ZeroShotSection:
     include_path: str | None = None
     limit: int | None = None
     batch_size: int = 8
+    add_bos_token: bool | None = None
 
     __field_docs__ = {
+        "add_bos_token": "BOS before each request: null = the tokenizer's default (lm-eval 0.4; LLaMA adds it), "
+                         "false = none (how the official 2023 harness scored LLaMA), true = always",
         "every_steps": "lm-eval zero-shot accuracy of the model in training every this many steps (0: off)",
         "tasks": "lm-eval task names (default: the paper's seven)",
         "include_path": "directory of extra lm-eval task YAMLs (local data); embedded:tasks has wiki_cloze",

@@ -31,7 +31,7 @@ from training.export import DTYPES, export_checkpoint
 from training.latency import measure_generation
 from training.perplexity import BosPolicy, perplexity, segment_stream
 from training.preflight import check_model_path
-from training.zeroshot import PAPER_TASKS, load_tasks, run_tasks
+from training.zeroshot import PAPER_TASKS, load_tasks, run_tasks, starts_with_bos
 
 # --- config ------------------------------------------------------------------------------------
 
@@ -79,8 +79,11 @@ class ZeroShotSection:
     include_path: str | None = None
     batch_size: int = 8
     limit: int | None = None
+    add_bos_token: bool | None = None
 
     __field_docs__ = {
+        "add_bos_token": "BOS before each request: null = the tokenizer's default (lm-eval 0.4; LLaMA adds it), "
+                         "false = none (how the official 2023 harness scored LLaMA), true = always",
         "tasks": "lm-eval task names; [] skips zero-shot (default: the paper's seven)",
         "include_path": "directory of extra lm-eval task YAMLs (local data); embedded:tasks has wiki_cloze",
         "limit": "evaluate only the first N items of each task (quick checks; not comparable to papers)",
@@ -115,7 +118,7 @@ class EvalConfig:
         "model": "one model to evaluate (HF checkpoint, hub name, embedded:smollm2-135m, or <run>/checkpoints/step_N)",
         "models": "several: [{name: original, path: ...}, {name: pruned, path: ...}]",
         "compare": "results.json files of earlier evaluations to show in the same table",
-        "dtype": "auto = bf16 on GPU, fp32 on CPU",
+        "dtype": "auto = bf16 on GPU, fp32 on CPU (the official evaluation: fp16 on the GPU)",
     }
 
     def validate(self) -> None:
@@ -169,7 +172,9 @@ def evaluate_model(entry: ModelEntry, path: str, config: EvalConfig, tasks: dict
               "params": count_parameters(model),
               "fingerprint": directory_fingerprint(local) if local.is_dir() else path}
     if tasks:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.zeroshot.batch_size, device=str(device))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.zeroshot.batch_size, device=str(device),
+                  add_bos_token=config.zeroshot.add_bos_token)
+        result["zeroshot_bos"] = starts_with_bos(lm)
         result["zeroshot"] = run_tasks(lm, tasks, config.zeroshot.tasks, limit=config.zeroshot.limit)
     result["perplexity"] = {}
     for name, docs in texts.items():
@@ -190,14 +195,16 @@ def evaluate_models(config: EvalConfig) -> Path:
     tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None) if config.zeroshot.tasks else {}
     texts = load_texts(config.perplexity)
     device = resolve_device(config.device)
-    dtype = DTYPES[config.dtype] if config.dtype != "auto" else resolve_dtype("auto", device)
+    precision = resolve_dtype(config.dtype, device)
+    dtype = DTYPES[precision]
     rows = []
     with tempfile.TemporaryDirectory(prefix="shorten-eval-") as scratch:
         paths = [resolve_checkpoint(m.path, Path(scratch)) for m in config.models]
         for entry, path in zip(config.models, paths, strict=True):
             print(f"== evaluating {entry.name}: {entry.path}", flush=True)
             rows.append(evaluate_model(entry, path, config, tasks, texts, device, dtype))
-    settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "config": to_dict(config),
+    settings = {"device": str(device), "dtype": precision, "zeroshot_add_bos_token": config.zeroshot.add_bos_token,
+                "config": to_dict(config),
                 "versions": library_versions()}
     with atomic_directory(config.output_dir, config.overwrite) as tmp:
         (tmp / "results.json").write_text(json.dumps({"models": earlier + rows, **settings}, indent=2) + "\n")
