@@ -256,3 +256,12 @@ def test_param_ratio_is_a_floor_that_reports_what_it_removes(llama_config_dirs):
     config = load_config(PruneConfig, None, [f"model={llama_config_dirs['7b']}", "target.param_ratio=0.45"])
     plan = dry_run(config)
     assert plan.num_remove == 14 and 1 - plan.params_after / plan.params_before <= 0.45
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "cpt").glob("*_ppl_*.yaml")), ids=lambda p: p.stem)
+def test_cpt_recipes_name_the_prune_recipe_they_continue(recipe):
+    import yaml
+
+    named = re.search(r"Continues (configs/prune/paper/\S+\.yaml)", recipe.read_text()).group(1)
+    prune_recipe = yaml.safe_load((ROOT / named).read_text())
+    assert yaml.safe_load(recipe.read_text())["model"] == prune_recipe["output_dir"]

@@ -77,9 +77,10 @@ def restore_rng(state: dict) -> None:
 
 
 class CheckpointStore:
-    def __init__(self, directory: Path, rank: int, keep_last: int, permanent_every: int):
+    def __init__(self, directory: Path, rank: int, keep_last: int, permanent_every: int,
+                 keep_best: str | None = None):
         self.directory, self.rank = Path(directory), rank
-        self.keep_last, self.permanent_every = keep_last, permanent_every
+        self.keep_last, self.permanent_every, self.keep_best = keep_last, permanent_every, keep_best
 
     def committed(self) -> list[Committed]:
         """Committed checkpoints, oldest first (a directory named step_N exists only once complete)."""
@@ -102,6 +103,12 @@ class CheckpointStore:
                 if checkpoint.tag == named:
                     return checkpoint
         return committed[-1] if committed else None
+
+    def best(self, metric: str) -> Committed | None:
+        """The committed checkpoint with the lowest `metric` recorded at its step (earliest on ties)."""
+        scored = [(c.metadata().get("evaluation", {}).get(metric), c) for c in self.committed()]
+        scored = [(value, c) for value, c in scored if value is not None]
+        return min(scored, key=lambda vc: (vc[0], vc[1].step))[1] if scored else None
 
     def clean_partial(self) -> list[str]:
         """Rank 0 removes checkpoints that were being written when an earlier run died."""
@@ -136,9 +143,13 @@ class CheckpointStore:
         return final
 
     def apply_retention(self) -> list[int]:
-        """Keep the newest `keep_last` plus every multiple of `permanent_every`; delete the rest."""
+        """Keep the newest `keep_last`, every multiple of `permanent_every` and the best by `keep_best`;
+        delete the rest."""
         committed = self.committed()
         recent = {c.step for c in committed[-self.keep_last:]}
+        best = self.best(self.keep_best) if self.keep_best else None
+        if best is not None:
+            recent.add(best.step)
         removed = []
         for checkpoint in committed:
             permanent = self.permanent_every and checkpoint.step % self.permanent_every == 0

@@ -119,6 +119,7 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, self.rank == 0, self.step, plan.total_steps,
                                      config.logging.tensorboard, config.logging.every_steps)
         self.last_save = time.monotonic()
+        self.evaluation: tuple[int, dict[str, float]] = (-1, {})  # the latest step's evaluation results
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> str:
@@ -193,6 +194,8 @@ class Trainer:
                 started = time.perf_counter()
                 results = evaluation(self.engine)
                 results[f"time.{evaluation.name}_s"] = time.perf_counter() - started
+                merged = self.evaluation[1] if self.evaluation[0] == step else {}
+                self.evaluation = (step, {**merged, **results})  # saved with a checkpoint of this step
                 self.metrics.log(step, results)
                 self.metrics.message(f"step {step} {evaluation.name}: " + ", ".join(
                     f"{k} {v:.4g}" for k, v in results.items() if not k.startswith("time.")))
@@ -201,6 +204,7 @@ class Trainer:
     def client_state(self) -> dict:
         return {"step": self.step, "tokens": self.tokens,
                 "loader": self.loader.state_dict(), "world_size": self.world_size,
+                "evaluation": self.evaluation[1] if self.evaluation[0] == self.step else {},
                 "config": to_dict(self.config), "fingerprints": self.plan.fingerprints,
                 "versions": library_versions()}
 
