@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from data.alpaca import PROMPT_NO_INPUT, AlpacaDataError, load_alpaca, prompt_for, tokenize_example
-from data.config import load_config
+from data.config import ConfigError, load_config
 from data.embedded import text_path
 from data.packed import IGNORE_INDEX
 from tests.conftest import without_distributed_env
@@ -171,8 +171,9 @@ def test_export_takes_the_best_validation_checkpoint(distributed, tmp_path, monk
     scripted = iter([3.0, 1.0, 2.0])
     monkeypatch.setattr(ValidationLoss, "__call__", lambda self, engine: {"val.loss": next(scripted)})
     output = tmp_path / "run"
-    config = load_config(LoRAConfig, None, [*RUN, f"output_dir={output}", "train_steps=2", "validation.every_steps=1",
-                                            "checkpoint.every_steps=1", "checkpoint.keep_last=1"])
+    config = load_config(LoRAConfig, None, [*RUN, f"output_dir={output}", "train_steps=2", "schedule.decay=constant",
+                                            "validation.every_steps=1", "checkpoint.every_steps=1",
+                                            "checkpoint.keep_last=1"])
     trainer = build_lora_trainer(config, plan_lora(config, distributed), should_stop=lambda: False)
     assert trainer.train() == "completed"
     assert sorted(p.name for p in (output / "checkpoints").glob("step_*")) == ["step_00000001", "step_00000002"]
@@ -184,3 +185,13 @@ def test_export_takes_the_best_validation_checkpoint(distributed, tmp_path, monk
         saved = {k.replace(".default", ""): v for k, v in module.items() if "lora_" in k}
         assert set(saved) == set(exported)
         assert all(torch.equal(saved[k], exported[k]) for k in exported) is same
+
+
+def test_best_export_without_a_validated_checkpoint_is_refused_before_training(distributed, tmp_path):
+    from training.lora import plan_lora
+
+    config = load_config(LoRAConfig, None, [*RUN, f"output_dir={tmp_path / 'run'}", "train_steps=5",
+                                            "checkpoint.every_steps=3", "validation.every_steps=2"])
+    with pytest.raises(ConfigError, match="no checkpoint of this 5-step run would have a validation loss"):
+        plan_lora(config, distributed)
+    assert not (tmp_path / "run").exists()

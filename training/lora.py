@@ -45,6 +45,11 @@ def plan_lora(config: LoRAConfig, world: WorldInfo) -> RunPlan:
     alpaca = load_alpaca(config.data.source, config.data.split)
     train, _ = split_validation(alpaca, config.data.val_size, config.data.seed)
     total_steps = config.train_steps or math.ceil(config.epochs * len(train) / config.global_batch)
+    every = config.checkpoint.every_steps
+    saved = {*range(every, total_steps + 1, every), total_steps} if every else {total_steps}
+    if config.export == "best" and not any(step % config.validation.every_steps == 0 for step in saved):
+        raise ConfigError(f"export=best: no checkpoint of this {total_steps}-step run would have a validation loss; "
+                          "let validation.every_steps divide checkpoint.every_steps, or set export=last")
     if config.validation.every_steps and min(config.validation.sequences, config.data.val_size) < world.world_size:
         raise ConfigError(f"validation needs at least one example per rank ({world.world_size}): raise "
                           "data.val_size / validation.sequences or set validation.every_steps=0")
