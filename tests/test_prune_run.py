@@ -110,7 +110,7 @@ def flat_model_dir(tmp_path):
     ("protected", ["criterion=taylor+", "target.num_blocks=3"], TargetError, "only 2 of 8 are not protected"),
     ("protected explicit", ["criterion=mag+", "target.num_blocks=null", "target.blocks=[1,4]"], TargetError,
      r"target.blocks \[1\] are protected"),
-    ("too little text", ["calibration.seq_len=100000"], CalibrationError, "documents of at least 100000 tokens"),
+    ("too little text", ["calibration.seq_len=100000"], CalibrationError, "rows of at least 100000 tokens"),
     ("tiny ratio", ["target.num_blocks=null", "target.param_ratio=0.001"], TargetError, "less than one block"),
 ])
 def test_bad_input_fails_early_and_writes_nothing(case, overrides, error, message, tiny_model_dirs,
