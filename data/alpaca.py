@@ -40,6 +40,8 @@ class AlpacaRecords:
     records: list[dict]
     skipped: Counter = field(default_factory=Counter)
     digest: str = ""
+    rows: list[int] = field(default_factory=list)  # each record's row in the source (skipped rows count)
+    total_rows: int = 0
 
 
 def prompt_for(record: dict) -> str:
@@ -76,7 +78,8 @@ def _raw_records(source: str, split: str) -> list:
 def load_alpaca(source: str, split: str = "train") -> AlpacaRecords:
     """Usable records, in order, and the count of skipped ones per reason."""
     result = AlpacaRecords([])
-    for raw in _raw_records(source, split):
+    for row, raw in enumerate(_raw_records(source, split)):
+        result.total_rows += 1
         if not isinstance(raw, dict):
             result.skipped["not_a_record"] += 1
             continue
@@ -86,6 +89,7 @@ def load_alpaca(source: str, split: str = "train") -> AlpacaRecords:
             continue
         result.records.append({"instruction": raw["instruction"], "input": raw.get("input") or "",
                                "output": raw["output"]})
+        result.rows.append(row)
     if not result.records:
         raise AlpacaDataError(f"{source} holds no usable Alpaca record (skipped: {dict(result.skipped)}); records "
                               "need instruction and output fields")
@@ -144,11 +148,17 @@ def pad_collate(pad_id: int):
     return collate
 
 
-def split_validation(records: list[dict], size: int, seed: int) -> tuple[list[dict], list[dict]]:
-    """A seeded random hold-out of `size` records (the paper's 2,000), as train / validation."""
-    if size >= len(records):
-        raise AlpacaDataError(f"val_size={size} leaves no training data from {len(records)} records: lower "
+def split_validation(alpaca: AlpacaRecords, size: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """Train / validation records, holding out exactly the rows the official run held out:
+    `datasets`' train_test_split(test_size=size, shuffle=True, seed=seed) over the source's rows
+    (shortened-llm src/lora_retrain.py: 2,000 rows, seed 42). Held-out rows we skip as unusable
+    leave the validation set a little smaller, never the training set larger."""
+    import datasets
+
+    if size >= alpaca.total_rows:
+        raise AlpacaDataError(f"val_size={size} leaves no training data from {alpaca.total_rows} records: lower "
                               "data.val_size")
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(seed)).tolist()
-    held = set(order[:size])
-    return ([r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held])
+    rows = datasets.Dataset.from_dict({"row": list(range(alpaca.total_rows))})
+    held = set(rows.train_test_split(test_size=size, shuffle=True, seed=seed)["test"]["row"])
+    pairs = list(zip(alpaca.rows, alpaca.records, strict=True))
+    return [r for row, r in pairs if row not in held], [r for row, r in pairs if row in held]

@@ -1,6 +1,7 @@
 """Depth-prune a Hugging Face decoder: score every block, remove the least important in one shot.
 
   python launch/prune.py --config configs/prune/smollm2_ppl_20.yaml [key=value ...]
+  python launch/prune.py --config configs/prune/paper/llama7b_ppl_20.yaml dry_run=true   # the plan only
 
 Writes a plain HF checkpoint plus pruning_report.json and block_importance.png to output_dir.
 """
@@ -15,8 +16,11 @@ from pruning.config import PruneConfig
 
 def main(argv: list[str]) -> int:
     config = cli_config(PruneConfig, __doc__, argv)
-    from pruning.run import prune
+    from pruning.run import dry_run, prune
 
+    if config.dry_run:
+        print("\n".join(dry_run(config).lines()))
+        return 0
     result = prune(config)
     report = result.report
     print(f"criterion {report['criterion']}: removed blocks {result.removed} "

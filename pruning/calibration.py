@@ -1,8 +1,17 @@
-"""Calibration samples as the paper draws them.
+"""Calibration samples drawn exactly as the official code draws them (shortened-llm src/dataset.py
+`get_examples`), so that the same rows, seed and tokenizer give the same token ids.
 
-Following the paper's code: visit rows of the corpus in a seeded random order, keep rows with at
-least `seq_len` tokens (each row at most once), and take a random `seq_len`-token window of each,
-until `num_samples` are found. Text is tokenized without special tokens, so a window is plain text.
+For each sample: draw a row index with `randint(0, rows - 1)` until the row is long enough and not
+drawn before, then a window start with `randint(0, n - seq_len)`; all draws come from one Python
+`random` stream seeded with `seed`. Two BOS modes, as in the official scripts:
+
+- `special_tokens` (LLaMA/Vicuna scripts): rows are tokenized with the tokenizer's special tokens,
+  so LLaMA's BOS is part of the row, counts towards its length and can start a window.
+- `every` (Gemma scripts, `--add_bos_to_every`): rows are tokenized without special tokens and
+  every window becomes BOS + its first seq_len - 1 tokens.
+
+Unlike the official loop, which spins forever when too few rows are long enough, we stop with an
+error once every row has been seen; this never changes the draws of a run that succeeds.
 """
 
 from __future__ import annotations
@@ -12,30 +21,43 @@ import random
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from pruning.config import CalibrationBos
+
 
 class CalibrationError(ValueError):
     """The text source cannot provide the requested calibration samples."""
 
 
 def sample_calibration(documents: list[str], tokenizer: PreTrainedTokenizerBase, num_samples: int,
-                       seq_len: int, seed: int) -> torch.Tensor:
-    """A LongTensor [num_samples, seq_len] of token ids, reproducible for a given seed."""
+                       seq_len: int, seed: int, bos: CalibrationBos = "special_tokens") -> torch.Tensor:
+    """A LongTensor [num_samples, seq_len] of token ids; `documents` are the source's rows in order
+    (empty rows included: they take part in the draws as in the official code)."""
+    if bos == "every" and tokenizer.bos_token_id is None:
+        raise CalibrationError("calibration.bos=every needs a tokenizer with a BOS token; this one has none "
+                               "(use calibration.bos=special_tokens)")
+    if not documents:
+        raise CalibrationError("the calibration text source has no rows")
     rng = random.Random(seed)
-    order = list(range(len(documents)))
-    rng.shuffle(order)
+    lengths: dict[int, int] = {}
+    used: list[int] = []
     samples = []
-    long_enough = 0
-    for row in order:
-        ids = tokenizer(documents[row], add_special_tokens=False)["input_ids"]
-        if len(ids) < seq_len:
-            continue
-        long_enough += 1
+    for _ in range(num_samples):
+        while True:
+            row = rng.randint(0, len(documents) - 1)
+            if lengths.get(row, seq_len) >= seq_len and row not in used:  # else known to be refused
+                ids = tokenizer(documents[row], add_special_tokens=bos == "special_tokens")["input_ids"]
+                lengths[row] = len(ids)
+                if len(ids) >= seq_len:
+                    used.append(row)
+                    break
+            if len(lengths) == len(documents) and sum(n >= seq_len for n in lengths.values()) <= len(used):
+                raise CalibrationError(
+                    f"the calibration text has only {len(used)} rows of at least {seq_len} tokens, but "
+                    f"{num_samples} samples were requested: use a larger text source, or lower "
+                    "calibration.num_samples or calibration.seq_len")
         start = rng.randint(0, len(ids) - seq_len)
-        samples.append(ids[start:start + seq_len])
-        if len(samples) == num_samples:
-            return torch.tensor(samples, dtype=torch.long)
-    raise CalibrationError(
-        f"the calibration text has only {long_enough} documents of at least {seq_len} tokens, but "
-        f"{num_samples} samples were requested: use a larger text source, or lower "
-        "calibration.num_samples or calibration.seq_len"
-    )
+        window = ids[start:start + seq_len]
+        if bos == "every":
+            window = [tokenizer.bos_token_id] + window[:-1]
+        samples.append(window)
+    return torch.tensor(samples, dtype=torch.long)

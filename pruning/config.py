@@ -9,13 +9,16 @@ from typing import Literal
 from data.config import ConfigError
 from data.precision import PRECISION_DOC, Precision
 
+CalibrationBos = Literal["special_tokens", "every"]  # the official get_examples, and its Gemma variant
+
 Criterion = Literal["ppl", "ppl+", "taylor", "taylor+", "mag", "mag+", "block_influence", "block_influence+"]
 CRITERIA: tuple[str, ...] = Criterion.__args__
 
 
 @dataclass
 class CalibrationConfig:
-    """The paper's default: 10 random 128-token samples, seed 1234, from book text."""
+    """The paper's default: 10 random 128-token samples, seed 1234, from book text, drawn by the
+    official sampler (pruning/calibration.py)."""
 
     source: str = "embedded:books.jsonl"
     text_field: str = "text"
@@ -25,10 +28,13 @@ class CalibrationConfig:
     seq_len: int = 128
     seed: int = 1234
     batch_size: int = 10
+    bos: CalibrationBos = "special_tokens"
 
     __field_docs__ = {
         "source": ".txt/.jsonl/.jsonl.zst/.json file, embedded:NAME, or a Hugging Face dataset name",
-        "batch_size": "calibration samples per forward pass",
+        "batch_size": "calibration samples per forward pass (Taylor: one backward per batch)",
+        "bos": "special_tokens = rows tokenized with the tokenizer's special tokens (official LLaMA/Vicuna "
+               "scripts); every = BOS put before each window (official Gemma scripts, --add_bos_to_every)",
     }
 
     def validate(self) -> None:
@@ -54,7 +60,8 @@ class TargetConfig:
     __exclusive__ = (("num_blocks", "param_ratio", "blocks"),)  # an override of one clears the recipe's other
     __field_docs__ = {
         "num_blocks": "number of blocks to remove",
-        "param_ratio": "fraction of all parameters to remove (the paper's '20% pruned' = 0.2)",
+        "param_ratio": "fraction of all parameters to remove: the most blocks that stay within it (a floor; the "
+                       "paper's ratios are labels of block counts: use target.num_blocks to reproduce them)",
         "blocks": "explicit block indices to remove (scores are still computed and reported)",
     }
 
@@ -86,18 +93,22 @@ class PruneConfig:
     device: str = "auto"
     dtype: Precision = "auto"
     verify_reload: bool = True
+    dry_run: bool = False
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     target: TargetConfig = field(default_factory=TargetConfig)
 
     __field_docs__ = {
         "model": "HF model directory or hub name, or embedded:smollm2-135m",
-        "criterion": "ppl | taylor | mag | block_influence; a '+' keeps the first 4 and last 2 blocks",
+        "criterion": "ppl | taylor | mag | block_influence; a '+' keeps the first 4 and last 2 blocks "
+                     "(the official code applies that protection to every criterion: see configs/prune/paper/)",
         "iterative": "ppl only: remove one block at a time and rescore (SLEB-style)",
         "protect_first": "blocks at the start never removed (default 4 for '+' criteria, else 0)",
         "protect_last": "blocks at the end never removed (default 2 for '+' criteria, else 0)",
         "device": "auto | cpu | cuda | cuda:N",
-        "dtype": PRECISION_DOC,
+        "dtype": PRECISION_DOC + "; the official code scores PPL in fp16 on the GPU and Taylor in fp32",
         "verify_reload": "reload the written checkpoint and check every weight was loaded",
+        "dry_run": "load only the model's config (no weights) and print the plan: candidates, blocks to "
+                   "remove, parameters before and after; writes nothing",
     }
 
     @property

@@ -24,7 +24,7 @@ from data.artifacts import (
 )
 from data.config import save_config, to_dict
 from data.embedded import resolve_model, resolve_text
-from data.precision import resolve_device, torch_dtype
+from data.precision import resolve_device, resolve_precision, torch_dtype
 from data.text import load_documents
 from pruning import scores as criteria
 from pruning.calibration import sample_calibration
@@ -86,6 +86,38 @@ def plan_removal(config: PruneConfig, skeleton: PreTrainedModel) -> tuple[int, l
     return num_remove, protected
 
 
+@dataclass
+class PrunePlan:
+    """What a run would do, known from the model's config alone (no weights)."""
+
+    num_blocks: int
+    num_remove: int
+    protected: list[int]
+    params_before: int
+    params_after: int
+
+    @property
+    def candidates(self) -> list[int]:
+        return [i for i in range(self.num_blocks) if i not in self.protected]
+
+    def lines(self) -> list[str]:
+        return [f"blocks: {self.num_blocks}, protected: {self.protected}",
+                f"candidates ({len(self.candidates)}): {self.candidates}",
+                f"would remove {self.num_remove} blocks -> {self.num_blocks - self.num_remove} blocks",
+                f"parameters: {self.params_before / 1e9:.2f}B -> {self.params_after / 1e9:.2f}B "
+                f"(-{1 - self.params_after / self.params_before:.1%})"]
+
+
+def dry_run(config: PruneConfig) -> PrunePlan:
+    """The plan from the model's config on the meta device: seconds for a 13B model, no download of weights."""
+    skeleton = _skeleton(_load_model_config(resolve_model(config.model)))
+    num_remove, protected = plan_removal(config, skeleton)
+    block_params = block_parameter_counts(skeleton)
+    removed = sorted(block_params)[:num_remove]  # blocks of one model have the same size unless stated otherwise
+    before = count_parameters(skeleton)
+    return PrunePlan(len(block_params), num_remove, protected, before, before - sum(removed))
+
+
 def score_blocks(model: PreTrainedModel, calibration: torch.Tensor, config: PruneConfig,
                  num_remove: int, protected: list[int]) -> tuple[list[float], list[int], dict]:
     """Importance of every block and the blocks to remove (plus criterion-specific extras)."""
@@ -129,14 +161,14 @@ def prune(config: PruneConfig) -> PruneResult:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     cal = config.calibration
-    documents = load_documents(cal.source, cal.text_field, cal.split, cal.subset)
-    calibration = sample_calibration(documents, tokenizer, cal.num_samples, cal.seq_len, cal.seed)
+    documents = load_documents(cal.source, cal.text_field, cal.split, cal.subset, keep_empty=True)
+    calibration = sample_calibration(documents, tokenizer, cal.num_samples, cal.seq_len, cal.seed, cal.bos)
     timings["setup_s"] = time.perf_counter() - start
 
     device = resolve_device(config.device)
-    dtype = torch_dtype(config.dtype, device)
+    precision = resolve_precision(config.dtype, device)
     tick = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch_dtype(precision)).to(device).eval()
     calibration = calibration.to(device)
     timings["load_s"] = time.perf_counter() - tick
     params_before = count_parameters(model)
@@ -171,7 +203,7 @@ def prune(config: PruneConfig) -> PruneResult:
         "calibration_ppl_before": ppl_before,
         "calibration_ppl_after": ppl_after,
         "calibration": {**to_dict(config.calibration), "token_ids": calibration.tolist()},
-        "dtype": str(dtype),
+        "dtype": precision,
         "device": str(device),
         "timings": timings,
         "versions": library_versions(),

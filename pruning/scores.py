@@ -8,10 +8,9 @@ All criteria see the same calibration batch (LongTensor [samples, seq_len]).
   own forward (masks, rotary tables, final norm, head, soft-capping and loss all stay the model's).
   Blocks before i are skipped, so a full scan does about half the block computations of
   rebuilding each candidate and running it whole (`ppl_scores_rebuild`, kept as the reference).
-- `taylor`: sum over the block's weights of |sum_j dL/dW_ij * W_ij| per output neuron i
-  (first-order Taylor estimate of the loss change, reduced at the output-neuron level as the paper
-  says). Reduced per parameter the moment its gradient is ready, then the gradient is freed: the
-  full set of gradients is never held at once.
+- `taylor`: sum over the block's weights of |dL/dW_ij * W_ij| element by element (first-order Taylor
+  estimate of the loss change, the paper's formula and the official code). Each gradient is folded
+  in the moment it is ready and then freed: the full set of gradients is never held at once.
 - `mag`: sum of |W| over the block's weights.
 - `block_influence`: ShortGPT's Block Influence, mean over tokens of 1 - cos(block input, output).
 """
@@ -189,35 +188,46 @@ def _block_weights(block: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 
 def taylor_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 10) -> list[float]:
-    """First-order Taylor block importance, reduced per output neuron as gradients arrive."""
+    """The official Taylor block score: sum over the block's weights of |sum_batches W * dL/dW|, element
+    by element (shortened-llm src/anal_block_sensitivity_taylor.py, the paper's formula).
+
+    One batch (the official default, 10 x 128): each gradient is reduced to one number in its
+    post-accumulate hook and freed, so no gradient set is ever held. Several batches (e.g. the
+    official Vicuna-7B script's batch size 1): the signed products must be summed before abs(),
+    so one fp32 buffer per block weight is kept (the size of the block weights in fp32); each
+    gradient is still freed as soon as it is folded in. As in the official code each batch's own
+    mean loss is differentiated and the products are summed over batches.
+    """
     _, layers = find_decoder_layers(model)
+    batches = _batches(calibration, batch_size)
     was_training = model.training
     model.eval()
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    partial: dict[int, torch.Tensor] = {}
+    scores = [0.0] * len(layers)
+    salience: dict[int, torch.Tensor] = {}
     owner: dict[int, int] = {}
     handles = []
 
     def reduce_and_free(param: torch.Tensor) -> None:
-        product = (param.detach() * param.grad).float()
-        rows = product.reshape(product.shape[0], -1).sum(dim=1) if product.dim() > 1 else product
-        partial[id(param)] += rows
+        product = param.detach().float() * param.grad.float()
+        if len(batches) == 1:
+            scores[owner[id(param)]] += float(product.abs().sum())
+        elif id(param) in salience:
+            salience[id(param)] += product
+        else:
+            salience[id(param)] = product
         param.grad = None
 
     for index, block in enumerate(layers):
         for _, param in _block_weights(block):
             param.requires_grad_(True)
-            partial[id(param)] = torch.zeros(param.shape[0], dtype=torch.float32, device=param.device)
             owner[id(param)] = index
             handles.append(param.register_post_accumulate_grad_hook(reduce_and_free))
-    total_tokens = calibration.shape[0] * (calibration.shape[1] - 1)
     try:
-        for batch in tqdm(_batches(calibration, batch_size), desc="taylor criterion", leave=False):
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            share = batch.shape[0] * (batch.shape[1] - 1) / total_tokens
-            (loss * share).backward()
+        for batch in tqdm(batches, desc="taylor criterion", leave=False):
+            model(input_ids=batch, labels=batch, use_cache=False).loss.backward()
     finally:
         for handle in handles:
             handle.remove()
@@ -225,9 +235,8 @@ def taylor_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size:
             p.requires_grad_(flag)
             p.grad = None
         model.train(was_training)
-    scores = [0.0] * len(layers)
-    for key, rows in partial.items():
-        scores[owner[key]] += float(rows.abs().sum())
+    for key, total in salience.items():
+        scores[owner[key]] += float(total.abs().sum())
     return scores
 
 

@@ -15,8 +15,10 @@ def protected_blocks(num_layers: int, first: int, last: int) -> list[int]:
 
 
 def blocks_for_ratio(block_params: Sequence[int], total_params: int, ratio: float) -> int:
-    """Most blocks whose removal does not exceed `ratio` of all parameters (the paper's rounding:
-    LLaMA-7B at 20% loses 6 of 32 blocks, Vicuna-13B at 21% loses 8 of 40)."""
+    """Most blocks whose removal does not exceed `ratio` of all parameters (a floor, our rule).
+
+    The paper's ratios are labels of block counts, not one rounding rule: on LLaMA-7B its 27/45/60%
+    remove 9/15/20 blocks where this floor gives 8/14/19 (configs/prune/paper/ sets the counts)."""
     per_block = sum(block_params) / len(block_params)
     count = math.floor(ratio * total_params / per_block + 1e-9)
     if count < 1:

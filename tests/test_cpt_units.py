@@ -170,6 +170,15 @@ def test_retention_keeps_the_last_k_and_the_permanent_ones(tmp_path):
     assert store.clean_partial() == [".tmp-step_00000014"]
 
 
+def test_retention_never_deletes_the_best_checkpoint(tmp_path):
+    store = CheckpointStore(tmp_path, rank=0, keep_last=1, permanent_every=0, keep_best="val.loss")
+    for step, loss in ((2, 3.0), (4, 1.5), (6, None), (8, 2.0)):
+        fake_checkpoint(tmp_path, step, evaluation={} if loss is None else {"val.loss": loss})
+    assert store.best("val.loss").step == 4
+    assert store.apply_retention() == [2, 6]
+    assert [c.step for c in store.committed()] == [4, 8]
+
+
 def test_latest_pointer_and_its_fallback(tmp_path):
     store = CheckpointStore(tmp_path, rank=0, keep_last=5, permanent_every=0)
     assert store.latest() is None

@@ -167,3 +167,33 @@ def test_table_reports_the_papers_metric_per_task():
     table = markdown_table(rows)
     assert "hellaswag (acc_norm)" in table and "boolq (acc)" in table and "peak GPU GB" in table
     assert "| m | 5,500.0M | 26 | 17.70 | 70.4 | 72.7 | 71.5 | 1.900 | 66.0 | 11.20 |" in table
+
+
+@pytest.mark.parametrize("add_bos_token", ["false", "null"])
+def test_paper_eval_config_reaches_lm_eval_with_its_bos_setting(add_bos_token, tmp_path, tiny_model_dirs, monkeypatch):
+    """configs/eval/paper.yaml scores without BOS, as the official harness did, even with a tokenizer that adds one."""
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoTokenizer
+
+    model_dir = tmp_path / "bos-model"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"]).save_pretrained(model_dir)
+    bos_tokenizer = AutoTokenizer.from_pretrained(tiny_model_dirs["llama"], add_bos_token=True)
+    bos_tokenizer.save_pretrained(model_dir)
+    assert AutoTokenizer.from_pretrained(model_dir)("The")["input_ids"][0] == bos_tokenizer.bos_token_id
+    contexts = []
+    scored = HFLM._loglikelihood_tokens
+
+    def spy(self, requests, *args, **kwargs):
+        contexts.extend(context for _, context, _ in requests)
+        return scored(self, requests, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_loglikelihood_tokens", spy)
+    config = load_config(EvalConfig, ROOT / "configs" / "eval" / "paper.yaml", [
+        f"model={model_dir}", f"output_dir={tmp_path / 'out'}", "dtype=fp32", "zeroshot.tasks=[wiki_cloze]",
+        "zeroshot.include_path=embedded:tasks", "zeroshot.limit=2", "perplexity.sets=[]", "latency.batch_sizes=[]",
+        f"zeroshot.add_bos_token={add_bos_token}"])
+    results = json.loads((evaluate_models(config) / "results.json").read_text())
+    with_bos = add_bos_token == "null"
+    assert contexts and all((c[0] == bos_tokenizer.bos_token_id) == with_bos for c in contexts)
+    assert results["models"][0]["zeroshot_bos"] is with_bos
+    assert results["zeroshot_add_bos_token"] == (None if with_bos else False)

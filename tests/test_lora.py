@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from data.alpaca import PROMPT_NO_INPUT, AlpacaDataError, load_alpaca, prompt_for, tokenize_example
-from data.config import load_config
+from data.config import ConfigError, load_config
 from data.embedded import text_path
 from data.nll import IGNORE_INDEX
 from tests.fixtures import ROOT, without_distributed_env
@@ -58,7 +58,7 @@ def records(run_dir):
 
 def test_loss_falls_and_outputs_are_standard(uninterrupted):
     val = {r["step"]: r["val.loss"] for r in records(uninterrupted) if "val.loss" in r}
-    assert val[4] < val[0] - 0.05, val
+    assert val[4] < val[0] - 0.01, val  # 4 steps of 4 records
     config = json.loads((uninterrupted / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.05)
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -164,3 +164,55 @@ def test_lora_under_the_deepspeed_launcher(cpt_inputs, tmp_path):
     assert "2 ranks x micro-batch 2 x accumulation 1" in result.stdout
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "merged").config.num_hidden_layers == 4
+
+
+def test_validation_hold_out_is_the_official_one():
+    """The official split, written as lora_retrain.py does it, holds out the same records as ours."""
+    import datasets
+
+    from data.alpaca import split_validation
+
+    path = text_path("alpaca_en_demo.json")
+    official = datasets.load_dataset("json", data_files=str(path))["train"].train_test_split(
+        test_size=100, shuffle=True, seed=42)
+    alpaca = load_alpaca(str(path))
+    train, held_out = split_validation(alpaca, 100, 42)
+    key = lambda r: (r["instruction"], r["input"] or "", r["output"])  # noqa: E731
+    assert sorted(map(key, held_out)) == sorted(map(key, official["test"]))
+    assert sorted(map(key, train)) == sorted(map(key, official["train"]))
+
+
+@pytest.mark.slow
+def test_export_takes_the_best_validation_checkpoint(distributed, tmp_path, monkeypatch):
+    """Validation losses scripted 3.0, 1.0, 2.0 at steps 0, 1, 2: the exported adapters are step 1's,
+    which retention (keep_last=1) kept although it is not the last."""
+    from training.lora import build_lora_trainer, plan_lora
+    from training.validation import ValidationLoss
+
+    scripted = iter([3.0, 1.0, 2.0])
+    monkeypatch.setattr(ValidationLoss, "__call__", lambda self, engine: {"val.loss": next(scripted)})
+    output = tmp_path / "run"
+    config = load_config(LoRAConfig, None, [*RUN, f"output_dir={output}", "train_steps=2", "schedule.decay=constant",
+                                            "validation.every_steps=1", "checkpoint.every_steps=1",
+                                            "checkpoint.keep_last=1"])
+    trainer = build_lora_trainer(config, plan_lora(config, distributed), should_stop=lambda: False)
+    assert trainer.train() == "completed"
+    assert sorted(p.name for p in (output / "checkpoints").glob("step_*")) == ["step_00000001", "step_00000002"]
+    info = json.loads((output / "merged" / "export_info.json").read_text())
+    assert (info["step"], info["val.loss"], info["last_step"]) == (1, 1.0, 2)
+    exported = load_file(output / "adapter" / "adapter_model.safetensors")
+    for tag, same in (("step_00000001", True), ("step_00000002", False)):
+        module = torch.load(output / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+        saved = {k.replace(".default", ""): v for k, v in module.items() if "lora_" in k}
+        assert set(saved) == set(exported)
+        assert all(torch.equal(saved[k], exported[k]) for k in exported) is same
+
+
+def test_best_export_without_a_validated_checkpoint_is_refused_before_training(distributed, tmp_path):
+    from training.lora import plan_lora
+
+    config = load_config(LoRAConfig, None, [*RUN, f"output_dir={tmp_path / 'run'}", "train_steps=5",
+                                            "checkpoint.every_steps=3", "validation.every_steps=2"])
+    with pytest.raises(ConfigError, match="no checkpoint of this 5-step run would have a validation loss"):
+        plan_lora(config, distributed)
+    assert not (tmp_path / "run").exists()

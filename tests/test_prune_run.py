@@ -1,6 +1,7 @@
 """The pruning stage end to end: tiny models of every architecture, every criterion, bad input."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,7 +109,7 @@ def flat_model_dir(tmp_path):
     ("protected", ["criterion=taylor+", "target.num_blocks=3"], TargetError, "only 2 of 8 are not protected"),
     ("protected explicit", ["criterion=mag+", "target.num_blocks=null", "target.blocks=[1,4]"], TargetError,
      r"target.blocks \[1\] are protected"),
-    ("too little text", ["calibration.seq_len=100000"], CalibrationError, "documents of at least 100000 tokens"),
+    ("too little text", ["calibration.seq_len=100000"], CalibrationError, "rows of at least 100000 tokens"),
     ("tiny ratio", ["target.num_blocks=null", "target.param_ratio=0.001"], TargetError, "less than one block"),
 ])
 def test_bad_input_fails_early_and_writes_nothing(case, overrides, error, message, tiny_model_dirs,
@@ -182,3 +183,84 @@ def test_cli_reports_user_errors_without_traceback(tiny_model_dirs, books_path, 
     assert result.returncode == 2
     assert "error: cannot remove 99 blocks" in result.stderr and "Traceback" not in result.stderr
     assert_nothing_written(out)
+
+
+PAPER_RECIPES = sorted((ROOT / "configs" / "prune" / "paper").glob("*.yaml"))
+LLAMA_SHAPES = {"7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32),
+                "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40)}
+
+
+@pytest.fixture(scope="module")
+def llama_config_dirs(tmp_path_factory) -> dict[str, Path]:
+    """config.json of LLaMA-7B and -13B (no weights): what a dry run reads."""
+    from transformers import LlamaConfig
+
+    dirs = {}
+    for size, shape in LLAMA_SHAPES.items():
+        path = tmp_path_factory.mktemp(f"llama{size}")
+        LlamaConfig(vocab_size=32000, max_position_embeddings=2048, **shape).save_pretrained(path)
+        dirs[size] = path
+    return dirs
+
+
+def _header(recipe: Path) -> tuple[int, str, int]:
+    """Blocks removed, parameters after ('5.5B') and blocks kept, as the recipe's first line states them."""
+    first = recipe.read_text().splitlines()[0]
+    params, kept, total = re.search(r"\((\d+\.\d)B parameters, (\d+) of (\d+) blocks\)", first).groups()
+    return int(total) - int(kept), params, int(kept)
+
+
+def test_paper_recipes_cover_tables_2_3_and_14():
+    names = {p.stem for p in PAPER_RECIPES}
+    for model, ratios in (("llama7b", (20, 27, 35)), ("vicuna7b", (20, 27, 35)), ("vicuna13b", (21, 29, 37))):
+        assert {f"{model}_{crit}_{r}" for r in ratios for crit in ("ppl", "taylorplus")} <= names
+    assert {f"vicuna7b_ppl_{r}" for r in (45, 60, 80)} <= names
+
+
+@pytest.mark.parametrize("recipe", PAPER_RECIPES, ids=lambda p: p.stem)
+def test_paper_recipe_dry_run_gives_the_papers_blocks(recipe, llama_config_dirs):
+    from pruning.run import dry_run
+
+    size = "13b" if "13b" in recipe.stem else "7b"
+    config = load_config(PruneConfig, recipe, [f"model={llama_config_dirs[size]}", "dry_run=true"])
+    plan = dry_run(config)
+    removed, params, kept = _header(recipe)
+    assert config.target.num_blocks == removed and plan.num_remove == removed
+    assert plan.num_blocks - plan.num_remove == kept
+    assert f"{plan.params_after / 1e9:.1f}" == params  # Table 14's parameter counts
+    assert plan.protected == [0, 1, 2, 3, plan.num_blocks - 2, plan.num_blocks - 1]  # as the official block_prune.py
+    assert config.calibration.bos == "special_tokens" and config.calibration.seed == 1234
+    assert config.dtype == ("fp16" if config.base_criterion == "ppl" else "fp32")
+
+
+@pytest.mark.slow
+def test_dry_run_from_the_command_line_loads_no_weights(llama_config_dirs, tmp_path):
+    out = tmp_path / "never"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "launch" / "prune.py"), "--config",
+         str(ROOT / "configs" / "prune" / "paper" / "vicuna13b_ppl_37.yaml"),
+         f"model={llama_config_dirs['13b']}", f"output_dir={out}", "dry_run=true"],
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "would remove 15 blocks -> 25 blocks" in result.stdout
+    before, after = re.search(r"parameters: (\d+\.\d+)B -> (\d+\.\d+)B", result.stdout).groups()
+    assert round(float(before), 1) == 13.0 and round(float(after), 1) == 8.3  # the paper's Vicuna-13B sizes
+    assert not out.exists()
+
+
+def test_param_ratio_is_a_floor_that_reports_what_it_removes(llama_config_dirs):
+    """Our ratio rule is not the paper's: at 45% it removes 14 LLaMA-7B blocks where the paper removes 15."""
+    from pruning.run import dry_run
+
+    config = load_config(PruneConfig, None, [f"model={llama_config_dirs['7b']}", "target.param_ratio=0.45"])
+    plan = dry_run(config)
+    assert plan.num_remove == 14 and 1 - plan.params_after / plan.params_before <= 0.45
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "configs" / "cpt").glob("*_ppl_*.yaml")), ids=lambda p: p.stem)
+def test_cpt_recipes_name_the_prune_recipe_they_continue(recipe):
+    import yaml
+
+    named = re.search(r"Continues (configs/prune/paper/\S+\.yaml)", recipe.read_text()).group(1)
+    prune_recipe = yaml.safe_load((ROOT / named).read_text())
+    assert yaml.safe_load(recipe.read_text())["model"] == prune_recipe["output_dir"]

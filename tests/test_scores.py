@@ -63,32 +63,61 @@ def test_iterative_ppl_rescoring(tiny_calibration):
         [s for s in second if not math.isnan(s)], rel=1e-5)
 
 
-def _direct_taylor(model, calibration):
-    """All gradients at once, then per-output-neuron |sum W*G|: the definition, computed plainly."""
-    model.zero_grad()
-    model(input_ids=calibration, labels=calibration).loss.backward()
-    _, layers = find_decoder_layers(model)
+def _official_taylor(model, calibration, batch_size):
+    """The official computation (anal_block_sensitivity_taylor.py), written out plainly: W * G summed
+    over batches per element, then abs() per element, summed over input and output dims and weights."""
+    salience = {}
+    for i in range(0, calibration.size(0), batch_size):
+        batch = calibration[i:i + batch_size]
+        model(batch, labels=batch).loss.backward()
+        for name, param in model.named_parameters():
+            if "weight" in name and "embed_tokens" not in name:
+                product = (param * param.grad).data.clone().float()
+                salience[name] = salience[name] + product if name in salience else product
+        model.zero_grad()
+    path, layers = find_decoder_layers(model)
     scores = []
-    for block in layers:
+    for index, block in enumerate(layers):
         total = 0.0
-        for name, p in block.named_parameters():
+        for name, _ in block.named_parameters():
             if name.endswith("weight"):
-                product = p.detach() * p.grad
-                rows = product.reshape(product.shape[0], -1).sum(1) if product.dim() > 1 else product
-                total += float(rows.abs().sum())
+                value = salience[f"{path}.{index}.{name}"].abs()
+                total += float(value.sum(1).sum(0) if value.dim() == 2 else value.sum(0))
         scores.append(total)
-    model.zero_grad()
     return scores
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_taylor_equals_direct_computation(arch, tiny_calibration):
+@pytest.mark.parametrize("batch_size", [4, 1])  # one backward (reduced in the hook) or four (accumulated)
+def test_taylor_equals_the_official_formula(arch, batch_size, tiny_calibration):
     model = make_tiny_model(arch, 300)
-    streamed = taylor_scores(model, tiny_calibration, batch_size=1)  # 4 backward passes, reduced as they go
-    direct = _direct_taylor(model, tiny_calibration)
-    assert streamed == pytest.approx(direct, rel=1e-4)
+    ours = taylor_scores(model, tiny_calibration, batch_size=batch_size)
     assert all(p.grad is None for p in model.parameters())
     assert all(p.requires_grad for p in model.parameters())
+    official = _official_taylor(model, tiny_calibration, batch_size)
+    assert ours == pytest.approx(official, rel=1e-4)
+
+
+def test_taylor_is_not_the_per_neuron_reduction(tiny_calibration):
+    """|sum_j G_ij W_ij| per output neuron lets terms cancel: it is smaller than the official score."""
+    model = make_tiny_model("llama", 300)
+    ours = taylor_scores(model, tiny_calibration, batch_size=4)
+    model.zero_grad()
+    model(tiny_calibration, labels=tiny_calibration).loss.backward()
+    _, layers = find_decoder_layers(model)
+    per_neuron = [sum(float((p.detach() * p.grad).reshape(p.shape[0], -1).sum(1).abs().sum())
+                      for n, p in block.named_parameters() if n.endswith("weight")) for block in layers]
+    assert all(o > n for o, n in zip(ours, per_neuron, strict=True))
+
+
+@pytest.mark.slow
+def test_taylor_equals_the_official_formula_on_smollm2(smollm2_dir, calibration):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    ours = taylor_scores(model, calibration, batch_size=len(calibration))
+    official = _official_taylor(model, calibration, len(calibration))
+    assert ours == pytest.approx(official, rel=1e-4)
 
 
 def test_taylor_never_holds_all_gradients(tiny_calibration):

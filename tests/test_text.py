@@ -1,8 +1,10 @@
 import json
+import random
 
 import pytest
 import torch
 import zstandard
+from transformers import AutoTokenizer
 
 from data.text import TextSourceError, load_documents
 from pruning.calibration import CalibrationError, sample_calibration
@@ -60,6 +62,38 @@ def test_calibration_is_seeded_and_windowed(tokenizer, books_path):
     assert len({tuple(row.tolist()) for row in a}) == 10
     with pytest.raises(CalibrationError, match="lower calibration.num_samples or calibration.seq_len"):
         sample_calibration(["short text", "also short"], tokenizer, 2, 128, seed=0)
+
+
+def _official_get_examples(rows, tokenizer, n_samples, seq_len=128, add_bos_to_every=False):
+    """shortened-llm src/dataset.py get_examples, transcribed line by line (after set_seed(1234))."""
+    random.seed(1234)
+    tokenized_samples, history = [], []
+    for _ in range(n_samples):
+        while True:
+            i = random.randint(0, len(rows) - 1)
+            tokenized_sample = tokenizer(rows[i], return_tensors="pt", add_special_tokens=not add_bos_to_every)
+            if tokenized_sample.input_ids.shape[1] >= seq_len and i not in history:
+                history.append(i)
+                break
+        j = random.randint(0, tokenized_sample.input_ids.shape[1] - seq_len)
+        tmp_ids = tokenized_sample.input_ids[:, j: j + seq_len]
+        if add_bos_to_every:
+            tmp_ids = torch.cat((torch.LongTensor([[tokenizer.bos_token_id]]), tmp_ids[:, :-1]), dim=1)
+        tokenized_samples.append(tmp_ids)
+    return torch.cat(tokenized_samples, dim=0)
+
+
+@pytest.mark.parametrize("bos", ["special_tokens", "every"])
+def test_calibration_equals_the_official_sampler(bos, smollm2_dir, wiki_path):
+    """Same rows (Wikipedia paragraphs, empty and short ones included), same seed: the same token ids.
+    The tokenizer adds a BOS like LLaMA's, so `special_tokens` windows may start with it."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, add_bos_token=True)
+    rows = load_documents(str(wiki_path), keep_empty=True)
+    for seq_len in (128, 512):
+        ours = sample_calibration(rows, tokenizer, 10, seq_len, seed=1234, bos=bos)
+        official = _official_get_examples(rows, tokenizer, 10, seq_len, add_bos_to_every=bos == "every")
+        assert torch.equal(ours, official)
+    assert (ours[:, 0] == tokenizer.bos_token_id).all() == (bos == "every")
 
 
 def test_dataset_repository_goes_through_datasets(tmp_path):

@@ -127,9 +127,10 @@ def recording_writes(engine) -> Iterator[list[Path]]:
 
 
 class CheckpointStore:
-    def __init__(self, directory: Path, rank: int, keep_last: int, permanent_every: int):
+    def __init__(self, directory: Path, rank: int, keep_last: int, permanent_every: int,
+                 keep_best: str | None = None):
         self.directory, self.rank = Path(directory), rank
-        self.keep_last, self.permanent_every = keep_last, permanent_every
+        self.keep_last, self.permanent_every, self.keep_best = keep_last, permanent_every, keep_best
 
     def committed(self) -> list[Committed]:
         """Committed checkpoints, oldest first (a directory named step_N exists only once complete)."""
@@ -179,6 +180,13 @@ class CheckpointStore:
             shutil.rmtree(checkpoint.path.with_name(checkpoint.tag + UNIVERSAL_SUFFIX), ignore_errors=True)
             notes.append(f"{checkpoint.tag}: {problem}")
         return notes
+
+
+    def best(self, metric: str) -> Committed | None:
+        """The committed checkpoint with the lowest `metric` recorded at its step (earliest on ties)."""
+        scored = [(c.metadata().get("evaluation", {}).get(metric), c) for c in self.committed()]
+        scored = [(value, c) for value, c in scored if value is not None]
+        return min(scored, key=lambda vc: (vc[0], vc[1].step))[1] if scored else None
 
     def clean_partial(self) -> list[str]:
         """Rank 0 removes checkpoints that were being written when an earlier run died."""
@@ -231,9 +239,13 @@ class CheckpointStore:
         self.apply_retention()
 
     def apply_retention(self) -> list[int]:
-        """Keep the newest `keep_last` plus every multiple of `permanent_every`; delete the rest."""
+        """Keep the newest `keep_last`, every multiple of `permanent_every` and the best by `keep_best`;
+        delete the rest."""
         committed = self.committed()
         recent = {c.step for c in committed[-self.keep_last:]}
+        best = self.best(self.keep_best) if self.keep_best else None
+        if best is not None:
+            recent.add(best.step)
         removed = []
         for checkpoint in committed:
             permanent = self.permanent_every and checkpoint.step % self.permanent_every == 0

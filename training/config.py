@@ -99,6 +99,7 @@ class CheckpointSection:
     keep_last: int = 2
     permanent_every: int = 5000
     export_at_end: bool = True
+    keep_best: str | None = None
 
     __field_docs__ = {
         "every_steps": "save a committed checkpoint every this many steps (0: only on time, stop and end)",
@@ -106,6 +107,7 @@ class CheckpointSection:
         "keep_last": "committed checkpoints kept besides the permanent ones",
         "permanent_every": "checkpoints at multiples of this step are never deleted (0: none)",
         "export_at_end": "write a Hugging Face checkpoint to exports/step_N when training completes",
+        "keep_best": "a metric (e.g. val.loss): the checkpoint with its lowest recorded value is never deleted",
     }
 
     def validate(self) -> None:
@@ -188,9 +190,12 @@ class ZeroShotSection:
     include_path: str | None = None
     batch_size: int = 8
     limit: int | None = None
+    add_bos_token: bool | None = None
 
     __field_docs__ = {
         "tasks": "lm-eval task names; [] skips zero-shot (default: the paper's seven)",
+        "add_bos_token": "BOS before each request: null = the tokenizer's default (lm-eval 0.4; LLaMA adds it), "
+                         "false = none (how the official 2023 harness scored LLaMA), true = always",
         "include_path": "directory of extra lm-eval task YAMLs (local data); embedded:tasks has wiki_cloze",
         "limit": "evaluate only the first N items of each task (quick checks, noisier; not comparable to papers)",
     }
@@ -363,7 +368,9 @@ class AlpacaSection:
 
     __field_docs__ = {
         "source": "Alpaca records: a local .json/.jsonl file, embedded:alpaca_en_demo.json, or a HF dataset name",
-        "val_size": "records held out (seeded) for the validation loss; the paper's 2,000",
+        "val_size": "rows held out for the validation loss, as the official run: datasets' train_test_split"
+                    "(test_size=val_size, shuffle=True, seed=seed); the paper's 2,000",
+        "seed": "seed of that split (official: 42) and of the training order",
         "cutoff_len": "prompt + response tokens kept per example",
         "train_on_inputs": "also train on the prompt tokens (default: loss on the response only)",
     }
@@ -408,9 +415,14 @@ class LoRAConfig(TrainingConfig):
     optimizer: OptimizerSection = field(default_factory=lora_optimizer)
     schedule: ScheduleSection = field(default_factory=lora_schedule)
     validation: ValidationSection = field(default_factory=lambda: ValidationSection(every_steps=100, sequences=2000))
+    checkpoint: CheckpointSection = field(default_factory=lambda: CheckpointSection(every_steps=200,
+                                                                                   keep_best="val.loss"))
+    export: Literal["best", "last"] = "best"
 
     __field_docs__ = {
         **TrainingConfig.__field_docs__,
+        "export": "best = adapters of the committed checkpoint with the lowest val.loss (the official run's "
+                  "load_best_model_at_end); last = the final step's",
         "model": "checkpoint to adapt: a pruned model, a CPT export (path, hub name, embedded:smollm2-135m)",
         "output_dir": "run directory: checkpoints/, metrics.jsonl, tensorboard/, adapter/, merged/",
         "train_steps": "optimizer steps (default: epochs over the training records)",
@@ -422,6 +434,9 @@ class LoRAConfig(TrainingConfig):
         super().validate()
         if self.epochs <= 0:
             raise ConfigError("epochs must be positive")
+        if self.export == "best" and not (self.validation.every_steps and self.checkpoint.keep_best):
+            raise ConfigError("export=best needs validation.every_steps > 0 and checkpoint.keep_best=val.loss "
+                              "(or set export=last)")
         if self.zero_stage == 3:
             raise ConfigError("LoRA runs with zero_stage 1 or 2: the adapters are small, and merging them needs "
                               "the whole base weights on one rank")

@@ -100,7 +100,8 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
     if plan.zeroshot_tasks is not None:
         zeroshot = config.zeroshot
         evaluations.append(ZeroShotEvaluation(plan.zeroshot_tasks, zeroshot.tasks, tokenizer, zeroshot.every_steps,
-                                              zeroshot.batch_size, data.seq_len, zeroshot.limit))
+                                              zeroshot.batch_size, data.seq_len, zeroshot.limit,
+                                              zeroshot.add_bos_token))
 
     def export(trainer: Trainer) -> Path:
         info = {"step": trainer.step, "tokens": trainer.tokens, "fingerprints": plan.fingerprints,

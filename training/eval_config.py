@@ -78,7 +78,7 @@ class EvalConfig:
         "model": "one model to evaluate (HF checkpoint, hub name, embedded:smollm2-135m, or <run>/checkpoints/step_N)",
         "models": "several: [{name: original, path: ...}, {name: pruned, path: ...}]",
         "compare": "results.json files of earlier evaluations to show in the same table",
-        "dtype": PRECISION_DOC,
+        "dtype": PRECISION_DOC + " (the official evaluation: fp16 on the GPU)",
     }
 
     def validate(self) -> None:

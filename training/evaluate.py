@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.artifacts import atomic_directory, check_output_dir, directory_fingerprint, library_versions
 from data.config import save_config, to_dict
 from data.embedded import resolve_model, resolve_tasks
-from data.precision import resolve_device, torch_dtype
+from data.precision import resolve_device, resolve_precision, torch_dtype
 from data.text import TextSourceError, load_documents
 from pruning.layers import count_parameters
 from training.checkpoint import METADATA
@@ -30,7 +30,7 @@ from training.export import export_checkpoint
 from training.latency import measure_generation
 from training.perplexity import perplexity, segment_stream
 from training.preflight import check_model_path
-from training.zeroshot import load_tasks, run_tasks
+from training.zeroshot import load_tasks, run_tasks, starts_with_bos
 
 # --- the stage ---------------------------------------------------------------------------------
 
@@ -67,7 +67,9 @@ def evaluate_model(entry: ModelEntry, path: str, config: EvalConfig, tasks: dict
               "params": count_parameters(model),
               "fingerprint": directory_fingerprint(local) if local.is_dir() else path}
     if tasks:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.zeroshot.batch_size, device=str(device))
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.zeroshot.batch_size, device=str(device),
+                  add_bos_token=config.zeroshot.add_bos_token)
+        result["zeroshot_bos"] = starts_with_bos(lm)
         result["zeroshot"] = run_tasks(lm, tasks, config.zeroshot.tasks, limit=config.zeroshot.limit)
     result["perplexity"] = {}
     for name, docs in texts.items():
@@ -88,14 +90,16 @@ def evaluate_models(config: EvalConfig) -> Path:
     tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None) if config.zeroshot.tasks else {}
     texts = load_texts(config.perplexity)
     device = resolve_device(config.device)
-    dtype = torch_dtype(config.dtype, device)
+    precision = resolve_precision(config.dtype, device)
+    dtype = torch_dtype(precision)
     rows = []
     with tempfile.TemporaryDirectory(prefix="shorten-eval-") as scratch:
         paths = [resolve_checkpoint(m.path, Path(scratch)) for m in config.models]
         for entry, path in zip(config.models, paths, strict=True):
             print(f"== evaluating {entry.name}: {entry.path}", flush=True)
             rows.append(evaluate_model(entry, path, config, tasks, texts, device, dtype))
-    settings = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "config": to_dict(config),
+    settings = {"device": str(device), "dtype": precision, "zeroshot_add_bos_token": config.zeroshot.add_bos_token,
+                "config": to_dict(config),
                 "versions": library_versions()}
     with atomic_directory(config.output_dir, config.overwrite) as tmp:
         (tmp / "results.json").write_text(json.dumps({"models": earlier + rows, **settings}, indent=2) + "\n")

@@ -38,8 +38,13 @@ def plan_lora(config: LoRAConfig, world: WorldInfo) -> RunPlan:
     model_path = check_model_path(config.model)
     load_tokenizer(model_path)
     alpaca = load_alpaca(config.data.source, config.data.split)
-    train, _ = split_validation(alpaca.records, config.data.val_size, config.data.seed)
+    train, _ = split_validation(alpaca, config.data.val_size, config.data.seed)
     total_steps = config.train_steps or math.ceil(config.epochs * len(train) / config.global_batch)
+    every = config.checkpoint.every_steps
+    saved = {*range(every, total_steps + 1, every), total_steps} if every else {total_steps}
+    if config.export == "best" and not any(step % config.validation.every_steps == 0 for step in saved):
+        raise ConfigError(f"export=best: no checkpoint of this {total_steps}-step run would have a validation loss; "
+                          "let validation.every_steps divide checkpoint.every_steps, or set export=last")
     if config.validation.every_steps and min(config.validation.sequences, config.data.val_size) < world.world_size:
         raise ConfigError(f"validation needs at least one example per rank ({world.world_size}): raise "
                           "data.val_size / validation.sequences or set validation.every_steps=0")
@@ -54,7 +59,7 @@ def build_lora_trainer(config: LoRAConfig, plan: RunPlan, should_stop: Callable[
     rank = plan.world.rank
     tokenizer = load_tokenizer(plan.model_path)
     alpaca = load_alpaca(config.data.source, config.data.split)
-    train, held_out = split_validation(alpaca.records, config.data.val_size, config.data.seed)
+    train, held_out = split_validation(alpaca, config.data.val_size, config.data.seed)
     adapters = PeftLoraConfig(r=config.lora.r, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
                               bias="none", target_modules=config.lora.target_modules, task_type="CAUSAL_LM")
 
@@ -91,11 +96,29 @@ def build_lora_trainer(config: LoRAConfig, plan: RunPlan, should_stop: Callable[
                                           config.micro_batch, plan.world, config.validation.every_steps, collate))
 
     def export(trainer: Trainer) -> Path:
+        info = {"step": trainer.step, "fingerprints": plan.fingerprints, "export": config.export}
+        if config.export == "best":
+            info.update(load_best_adapters(trainer))
         if rank == 0:
-            save_adapter_and_merged(trainer.engine.module, tokenizer, run, torch_dtype(plan.precision),
-                                    {"step": trainer.step, "fingerprints": plan.fingerprints})
+            save_adapter_and_merged(trainer.engine.module, tokenizer, run, torch_dtype(plan.precision), info)
         barrier()
         return run.merged
 
     return Trainer(config, plan, model, loader, should_stop, evaluations, export)
+
+
+def load_best_adapters(trainer: Trainer) -> dict:
+    """Load the adapters of the committed checkpoint with the lowest validation loss into the engine
+    (the official run's load_best_model_at_end); every rank calls it. Returns what was chosen."""
+    metric = trainer.config.checkpoint.keep_best
+    best = trainer.checkpoints.best(metric)
+    if best is None:
+        raise RuntimeError(f"no committed checkpoint records {metric}: validate at checkpoint steps "
+                           "(validation.every_steps dividing checkpoint.every_steps) or set export=last")
+    if best.step != trainer.step:
+        path, _ = trainer.engine.load_checkpoint(str(best.path.parent), tag=best.tag, load_module_strict=False,
+                                                 load_optimizer_states=False, load_lr_scheduler_states=False)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load the best checkpoint {best.path}")
+    return {"step": best.step, metric: best.metadata()["evaluation"][metric], "last_step": trainer.step}
 

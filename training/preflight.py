@@ -57,7 +57,7 @@ def load_tokenizer(model_path: str) -> PreTrainedTokenizerBase:
 
 def checkpoint_store(config: TrainingConfig, rank: int) -> CheckpointStore:
     return CheckpointStore(RunDir(config.output_dir).checkpoints, rank, config.checkpoint.keep_last,
-                           config.checkpoint.permanent_every)
+                           config.checkpoint.permanent_every, config.checkpoint.keep_best)
 
 
 def check_resume(config: TrainingConfig, checkpoint: Committed, fingerprints: dict, invariants: dict) -> None:

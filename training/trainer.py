@@ -166,6 +166,7 @@ class Trainer:
         watchdog = config.watchdog
         self.watchdog = StepWatchdog(self.run.watchdog, self.rank, self.world_size, watchdog.slow_factor,
                                      watchdog.min_seconds, watchdog.window)
+        self.evaluation: tuple[int, dict[str, float]] = (-1, {})  # the latest step's evaluation results
 
     # ---- the loop -------------------------------------------------------------------------------
     def train(self) -> str:
@@ -288,6 +289,8 @@ class Trainer:
                 started = time.perf_counter()
                 results = evaluation(self.engine)
                 results[f"time.{evaluation.name}_s"] = time.perf_counter() - started
+                merged = self.evaluation[1] if self.evaluation[0] == step else {}
+                self.evaluation = (step, {**merged, **results})  # saved with a checkpoint of this step
                 self.metrics.log(step, results)
                 self.metrics.message(f"step {step} {evaluation.name}: " + ", ".join(
                     f"{k} {v:.4g}" for k, v in results.items() if not k.startswith("time.")))
@@ -297,6 +300,7 @@ class Trainer:
         """Our part of a checkpoint, plain types only: it goes to shorten_checkpoint.json, not into a pickle."""
         return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
                 "loader": self.loader.state_dict(), "world_size": self.world_size,
+                "evaluation": self.evaluation[1] if self.evaluation[0] == self.step else {},
                 "config": to_dict(self.config), "fingerprints": self.plan.fingerprints,
                 "versions": library_versions()}
 

@@ -107,13 +107,20 @@ def run_tasks(lm, tasks: dict, names: Sequence[str], limit: int | None = None,
     return summary
 
 
+def starts_with_bos(lm: TemplateLM) -> bool:
+    """Whether the requests lm-eval builds through `lm` begin with a BOS token (recorded with the scores)."""
+    bos = lm.tokenizer.bos_token_id
+    return bos is not None and lm.tok_encode("The")[:1] == [bos]
+
+
 class ShardedLM(TemplateLM):
     """lm-eval log-likelihoods computed across data-parallel ranks through any forward function."""
 
     def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], tokenizer, device: torch.device,
-                 batch_size: int = 8, max_length: int = 2048):
+                 batch_size: int = 8, max_length: int = 2048, add_bos_token: bool | None = None):
         super().__init__()
         self.forward, self.tokenizer, self.target_device = forward, tokenizer, device
+        self.add_bos_token = add_bos_token  # as lm-eval's HFLM: None = the tokenizer's default
         self.batch_size, self.max_length = batch_size, max_length
         self.shard_rank = dist.get_rank() if dist.is_initialized() else 0
         self.shard_count = dist.get_world_size() if dist.is_initialized() else 1
@@ -136,6 +143,8 @@ class ShardedLM(TemplateLM):
         return self.tokenizer.bos_token_id if self.tokenizer.bos_token_id is not None else self.eot_token_id
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        if add_special_tokens is None:
+            add_special_tokens = self.add_bos_token
         options = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
         return self.tokenizer.encode(string, **options)
 
@@ -183,14 +192,15 @@ class ZeroShotEvaluation:
     name = "zeroshot"
 
     def __init__(self, tasks: dict, names: Sequence[str], tokenizer, every: int, batch_size: int,
-                 max_length: int, limit: int | None):
+                 max_length: int, limit: int | None, add_bos_token: bool | None = None):
         self.tasks, self.names, self.tokenizer, self.every = tasks, list(names), tokenizer, every
         self.batch_size, self.max_length, self.limit = batch_size, max_length, limit
+        self.add_bos_token = add_bos_token
 
     def __call__(self, engine) -> dict[str, float]:
         engine.eval()
         lm = ShardedLM(lambda ids: engine(input_ids=ids, use_cache=False).logits, self.tokenizer, engine.device,
-                       self.batch_size, self.max_length)
+                       self.batch_size, self.max_length, self.add_bos_token)
         summary = run_tasks(lm, self.tasks, self.names, limit=self.limit)
         engine.train()
         return {**{f"zeroshot.{task}": row["value"] for task, row in summary["tasks"].items()},
