@@ -16,7 +16,7 @@ CRITERIA: tuple[str, ...] = Criterion.__args__
 
 
 @dataclass
-class CalibrationConfig:
+class CalibrationSection:
     """The paper's default: 10 random 128-token samples, seed 1234, from book text, drawn by the
     official sampler (pruning/calibration.py)."""
 
@@ -47,7 +47,7 @@ class CalibrationConfig:
 
 
 @dataclass
-class TargetConfig:
+class TargetSection:
     """How much to remove: one of num_blocks, param_ratio or an explicit list of blocks.
 
     With none set, the paper's headline setting applies: param_ratio=0.2 (20% fewer parameters).
@@ -94,8 +94,8 @@ class PruneConfig:
     dtype: Precision = "auto"
     verify_reload: bool = True
     dry_run: bool = False
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    target: TargetConfig = field(default_factory=TargetConfig)
+    calibration: CalibrationSection = field(default_factory=CalibrationSection)
+    target: TargetSection = field(default_factory=TargetSection)
 
     __field_docs__ = {
         "model": "HF model directory or hub name, or embedded:smollm2-135m",
