@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import sys
 
-from training import stop_signals
+from training import console, stop_signals
 
 stop_signals.install()  # first: SIGUSR1 would kill the process while torch and DeepSpeed import
+console.quiet_other_ranks()  # before the libraries load: one rank prints
 
 from data.cli import cli_config, run_main  # noqa: E402
 from training.config import CPTConfig  # noqa: E402
@@ -25,11 +26,10 @@ from training.config import CPTConfig  # noqa: E402
 
 def main(argv: list[str]) -> int:
     config = cli_config(CPTConfig, __doc__, argv)  # before any heavy import: --help and bad keys answer at once
-    from training.distributed import init_distributed, prepare_environment, quiet_output
+    from training.cpt import build_cpt_trainer, plan_cpt
+    from training.distributed import init_distributed, prepare_environment
 
     world = prepare_environment()
-    quiet_output(world)  # before the libraries load: one rank prints
-    from training.cpt import build_cpt_trainer, plan_cpt
     plan = plan_cpt(config, world)  # every cheap check, before any process group or model exists
     init_distributed(config.distributed.timeout_minutes)
     outcome = build_cpt_trainer(config, plan, should_stop=stop_signals.requested).train()

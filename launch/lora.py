@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import sys
 
-from training import stop_signals
+from training import console, stop_signals
 
 stop_signals.install()  # first: SIGUSR1 would kill the process while torch and DeepSpeed import
+console.quiet_other_ranks()  # before the libraries load: one rank prints
 
 from data.cli import cli_config, run_main  # noqa: E402
 from training.config import LoRAConfig  # noqa: E402
@@ -22,11 +23,10 @@ from training.config import LoRAConfig  # noqa: E402
 
 def main(argv: list[str]) -> int:
     config = cli_config(LoRAConfig, __doc__, argv)  # before any heavy import: --help and bad keys answer at once
-    from training.distributed import init_distributed, prepare_environment, quiet_output
+    from training.distributed import init_distributed, prepare_environment
+    from training.lora import build_lora_trainer, plan_lora
 
     world = prepare_environment()
-    quiet_output(world)  # before the libraries load: one rank prints
-    from training.lora import build_lora_trainer, plan_lora
     plan = plan_lora(config, world)  # every cheap check, before any process group or model exists
     init_distributed(config.distributed.timeout_minutes)
     outcome = build_lora_trainer(config, plan, should_stop=stop_signals.requested).train()

@@ -4,6 +4,7 @@ schedule, weight-decay groups, checkpoint retention and pointers, metrics files,
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -238,3 +239,22 @@ def test_deepspeed_overrides_merge_over_ours(small_run):
 def test_attention_and_kernels_that_cannot_run_here_are_refused_before_launch(small_run, override, message):
     with pytest.raises(ConfigError, match=message):
         plan_cpt(config_for(small_run, override), WORLD2)
+
+
+QUIET_PROBE = """
+from training import console
+console.quiet_other_ranks()
+import tqdm, transformers
+bar = tqdm.tqdm(range(3))
+print("bar disabled:", bar.disable, "transformers level:", transformers.logging.get_verbosity())
+"""
+
+
+@pytest.mark.parametrize("rank, disabled", [("0", False), ("1", True)])
+def test_only_rank_zero_shows_progress_bars_and_library_warnings(rank, disabled):
+    env = {k: v for k, v in os.environ.items() if k not in ("TQDM_DISABLE", "TRANSFORMERS_VERBOSITY")}
+    result = subprocess.run([sys.executable, "-c", QUIET_PROBE], capture_output=True, text=True, cwd=ROOT,
+                            env={**env, "RANK": rank}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    level = 40 if disabled else 30  # logging.ERROR on other ranks, transformers' default WARNING on rank 0
+    assert f"bar disabled: {disabled} transformers level: {level}" in result.stdout

@@ -74,26 +74,6 @@ def prepare_environment() -> WorldInfo:
     return WorldInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
 
 
-def quiet_output(world: WorldInfo) -> None:
-    """What a run prints comes from rank 0 only, without warnings the libraries repeat per rank and step.
-
-    Other ranks lose library logging below ERROR and every tqdm bar (lm-eval's, tokenizers', datasets');
-    every rank drops DeepSpeed's use of a deprecated torch.distributed name and PEFT's deprecated
-    transformers question. Call it before the libraries are imported (tqdm reads its switch then)."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", message=".*(all_gather_into_tensor|reduce_scatter_tensor).*",
-                            category=FutureWarning)
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    if world.rank == 0:
-        return
-    os.environ["TQDM_DISABLE"] = "1"  # tqdm >= 4.66 reads it for every bar created afterwards
-    for name in ("lm_eval", "transformers", "datasets", "deepspeed", "peft"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.simplefilter("ignore")
-
-
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """The process group, with `timeout_minutes` for any collective (torch's default for NCCL is 10)."""
     from datetime import timedelta

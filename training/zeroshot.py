@@ -179,6 +179,10 @@ class ShardedLM(TemplateLM):
                             float(bool((positions.argmax(-1) == target).all()))))
         return results
 
+    def loglikelihood(self, requests, disable_tqdm: bool = False):
+        """lm-eval's, with its progress bar on rank 0 only (lm-eval passes `disable` explicitly)."""
+        return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.shard_rank != 0)
+
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
         raise NotImplementedError("perplexity tasks run through training/perplexity.py, not lm-eval")
 
