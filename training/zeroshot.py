@@ -26,9 +26,10 @@ from lm_eval.api.model import TemplateLM
 
 from data.config import ConfigError
 
-# we hand lm-eval an in-memory model on purpose: its warning about that, once per model, is noise
+# we hand lm-eval an in-memory model on purpose: its two notes about that, once per model, are noise
+IN_MEMORY_MODEL_NOTES = ("kwarg is not of type", "Passed an already-initialized model")
 logging.getLogger("lm_eval.models.huggingface").addFilter(
-    lambda record: "kwarg is not of type" not in record.getMessage())
+    lambda record: not any(note in record.getMessage() for note in IN_MEMORY_MODEL_NOTES))
 
 ACC_NORM_TASKS = frozenset({"hellaswag", "arc_challenge", "openbookqa"})
 
