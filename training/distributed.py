@@ -8,6 +8,7 @@ A plain `python launch/cpt.py` is a world of one.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -83,6 +84,21 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
     deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(minutes=timeout_minutes))
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    unlink_shared_memory_buffer()
+
+
+def unlink_shared_memory_buffer() -> None:
+    """DeepSpeed's CPU all-reduce (all ranks on one host) gives each rank a 69 MB buffer in /dev/shm that
+    it never unlinks: every CPU launch would leave its buffers in memory until reboot. Each rank maps every
+    rank's buffer before init returns, so after a barrier each unlinks its own; the memory is freed when
+    the last process exits."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    dist.barrier()
+    name = (f"deepspeed_allreduce_buffer_{os.getuid()}_{os.environ.get('MASTER_ADDR', '')}_"
+            f"{os.environ.get('MASTER_PORT', '')}_{dist.get_rank()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 def barrier() -> None:
