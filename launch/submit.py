@@ -68,6 +68,33 @@ def check_world(stage: str, config, world_size: int) -> None:
         accumulation_steps(config.global_batch, config.micro_batch, world_size)
 
 
+def slurm_time_seconds(limit: str) -> int | None:
+    """Seconds of a Slurm time limit (`minutes`, `minutes:seconds`, `hours:minutes:seconds`, `days-hours`,
+    `days-hours:minutes`, `days-hours:minutes:seconds`); None for INFINITE/UNLIMITED."""
+    if limit.upper() in ("INFINITE", "UNLIMITED", "-1"):
+        return None
+    match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", limit.strip())
+    if match is None:
+        raise SubmitError(f"--time {limit!r} is not a Slurm time limit: use minutes, hours:minutes:seconds or "
+                          "days-hours:minutes:seconds")
+    days, first, second, third = (int(g) if g else None for g in match.groups())
+    if days is not None:  # days-hours[:minutes[:seconds]]
+        return ((days * 24 + first) * 60 + (second or 0)) * 60 + (third or 0)
+    if third is not None:  # hours:minutes:seconds
+        return (first * 60 + second) * 60 + third
+    return first * 60 + (second or 0)  # minutes[:seconds]
+
+
+def check_signal_time(args: argparse.Namespace) -> None:
+    """The stop warning must come after the start: Slurm signals a job whose remaining time is below
+    --signal-seconds at once, and again at every check, so each run would stop right after it starts."""
+    limit = slurm_time_seconds(args.time)
+    if args.stage in REQUEUED_STAGES and limit is not None and args.signal_seconds >= limit:
+        raise SubmitError(f"--signal-seconds {args.signal_seconds} is not shorter than --time {args.time} "
+                          f"({limit} s): every run would be told to stop as it starts. Lower --signal-seconds "
+                          "(one step plus a checkpoint save) or raise --time")
+
+
 def partition_gpus(partition: str | None) -> int:
     """GPUs per node of the partition (the smallest over its nodes), from sinfo's GRES column."""
     args = ["sinfo", "-h", "-o", "%P %G"] + (["-p", partition] if partition else [])
@@ -173,6 +200,7 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str]) -> int:
     args, overrides = parse(argv)
+    check_signal_time(args)
     config = stage_config(args.stage, args.config, overrides)
     check_world(args.stage, config, args.nodes * args.tasks_per_node)
     if not args.dry_run:

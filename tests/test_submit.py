@@ -65,6 +65,26 @@ def test_dry_run_writes_a_requeueing_script(cpt_inputs, tmp_path):
     assert "global_batch 8 does not divide into micro_batch 2 x 16 processes" in bad.stderr
 
 
+@pytest.mark.parametrize(("limit", "seconds"), [("45", 2700), ("10:00", 600), ("1:30:00", 5400),
+                                               ("2-00:00:00", 172800), ("1-2", 93600), ("1-2:30", 95400),
+                                               ("INFINITE", None)])
+def test_slurm_time_limits_in_every_format(limit, seconds):
+    from launch.submit import slurm_time_seconds
+
+    assert slurm_time_seconds(limit) == seconds
+
+
+def test_a_stop_warning_not_shorter_than_the_time_limit_is_refused(cpt_inputs, tmp_path):
+    """Slurm would signal such a job at once and at every check after: each run would stop as it starts."""
+    recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
+    result = submit(["cpt", "--config", str(recipe), "--gpus-per-node", "0", "--time", "10:00", "--dry-run",
+                     "--log-dir", str(tmp_path / "logs")], job_env_plain(), expect=2)
+    assert result.stderr.startswith("error: --signal-seconds 900 is not shorter than --time 10:00 (600 s)")
+    assert not (tmp_path / "logs").exists()
+    bad = submit(["cpt", "--config", str(recipe), "--time", "ten minutes", "--dry-run"], job_env_plain(), expect=2)
+    assert "--time 'ten minutes' is not a Slurm time limit" in bad.stderr
+
+
 def test_missing_sbatch_is_a_clear_error(cpt_inputs, tmp_path):
     recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
     result = submit(["cpt", "--config", str(recipe), *CPU_JOB], {**job_env_plain(), "PATH": str(tmp_path)},
