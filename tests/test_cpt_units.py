@@ -77,6 +77,14 @@ def test_missing_data_and_model_are_refused(small_run, tmp_path):
         plan_cpt(config_for(small_run, f"model={tmp_path}"), WORLD2)
 
 
+def test_an_output_dir_that_is_a_file_is_refused(small_run, tmp_path):
+    (tmp_path / "taken").write_text("a hostfile, say")
+    for output_dir in (tmp_path / "taken", tmp_path / "taken" / "run"):
+        with pytest.raises(ConfigError, match=f"output_dir {output_dir}: {tmp_path / 'taken'} is a file"):
+            plan_cpt(config_for(small_run, f"output_dir={output_dir}"), WORLD2)
+    assert (tmp_path / "taken").read_text() == "a hostfile, say"
+
+
 def test_tokenizer_mismatch_is_refused(small_run, tmp_path):
     other = tmp_path / "other"
     tokenizer = AutoTokenizer.from_pretrained(small_run / "model")

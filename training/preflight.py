@@ -12,6 +12,7 @@ The stages add their own checks (`training/cpt.plan_cpt`, `training/lora.plan_lo
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,6 +95,16 @@ def model_fingerprint(model_path: str) -> str:
     return directory_fingerprint(local, ("*.json",)) if local.is_dir() else model_path
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """The run directory must be a directory (or not exist yet), writable by this process."""
+    existing = next((p for p in (output_dir, *output_dir.parents) if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"output_dir {output_dir}: {existing} is a file, not a directory; choose another output_dir")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {output_dir}: {existing} is not writable by this user; choose another "
+                          "output_dir")
+
+
 def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fingerprints: dict,
                   total_steps: int, seq_len: int, invariants: dict) -> RunPlan:
     """The checks and derived values every training stage shares: batch layout, device, resumption."""
@@ -104,6 +115,7 @@ def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fin
     precision = resolve_precision(config.precision, device)
     attention = resolve_attention(config.attn_implementation, device, precision)
     check_kernels(config.kernels, device)
+    check_output_dir(Path(config.output_dir))
     store = checkpoint_store(config, world.rank)
     resume_from, refused = store.resume_point()
     if world.rank == 0:
