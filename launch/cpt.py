@@ -27,12 +27,13 @@ from training.config import CPTConfig  # noqa: E402
 def main(argv: list[str]) -> int:
     config = cli_config(CPTConfig, __doc__, argv)  # before any heavy import: --help and bad keys answer at once
     from training.cpt import build_cpt_trainer, plan_cpt
-    from training.distributed import init_distributed, prepare_environment
+    from training.distributed import init_distributed, prepare_environment, shutdown_distributed
 
     world = prepare_environment()
     plan = plan_cpt(config, world)  # every cheap check, before any process group or model exists
     init_distributed(config.distributed.timeout_minutes)
     outcome = build_cpt_trainer(config, plan, should_stop=stop_signals.requested).train()
+    shutdown_distributed()
     return stop_signals.exit_code(outcome, world.rank)
 
 

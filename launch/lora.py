@@ -23,13 +23,14 @@ from training.config import LoRAConfig  # noqa: E402
 
 def main(argv: list[str]) -> int:
     config = cli_config(LoRAConfig, __doc__, argv)  # before any heavy import: --help and bad keys answer at once
-    from training.distributed import init_distributed, prepare_environment
+    from training.distributed import init_distributed, prepare_environment, shutdown_distributed
     from training.lora import build_lora_trainer, plan_lora
 
     world = prepare_environment()
     plan = plan_lora(config, world)  # every cheap check, before any process group or model exists
     init_distributed(config.distributed.timeout_minutes)
     outcome = build_lora_trainer(config, plan, should_stop=stop_signals.requested).train()
+    shutdown_distributed()
     return stop_signals.exit_code(outcome, world.rank)
 
 

@@ -101,6 +101,15 @@ def unlink_shared_memory_buffer() -> None:
         os.unlink(os.path.join("/dev/shm", name))
 
 
+def shutdown_distributed() -> None:
+    """All ranks leave together and close the process group. A process that exits with the group still
+    open can abort in gloo's threads at exit ("terminate called without an active exception", seen
+    across nodes), turning exit code 75 or 0 into 134."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
