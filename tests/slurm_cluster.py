@@ -1,10 +1,13 @@
-"""A real single-node Slurm cluster on loopback, started and stopped by the test suite.
+"""A real Slurm cluster on this machine, started and stopped by the test suite: one node on loopback,
+or several nodes made of Linux namespaces (tests/namespace_nodes.py), one slurmd in each.
 
 Debian's slurmctld + slurmd (Slurm 22.05) run as root with no systemd, no cgroups and no munge:
 ``AuthType=auth/none``, ``CredType=cred/none``, ``ProctrackType=proctrack/linuxproc``. The node declares
 4 CPUs whatever the machine has (``SlurmdParameters=config_overrides``). Config, state, spool, logs, pid
 files and the job completion records live in one temp dir; every command finds the config through
 ``SLURM_CONF`` (use ``cluster.env`` / ``cluster.run``), so several clusters can run side by side.
+slurmctld runs in this process's network namespace; a node's slurmd is started through its ``wrap``
+(``nsenter`` into the node's namespaces), so its jobs run "on" that node.
 
     with SlurmCluster() as cluster:
         job = cluster.sbatch("--wrap", "echo hello")
@@ -25,7 +28,8 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DAEMONS = ("slurmctld", "slurmd")
@@ -48,33 +52,33 @@ def _which(name: str) -> str | None:
     return shutil.which(name, path=_search_path())
 
 
-def _missing() -> list[str]:
-    return [name for name in REQUIRED if _which(name) is None]
+def _missing(required: Iterable[str] = REQUIRED) -> list[str]:
+    return [name for name in required if _which(name) is None]
 
 
 def _tail(text: str, lines: int = 30) -> str:
     return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def ensure_slurm_installed(timeout: float = 900) -> str | None:
-    """None when Slurm's daemons and client commands are here (installing them with apt if needed and
-    allowed); otherwise a human-readable reason why there is no Slurm."""
-    if not _missing():
+def ensure_installed(what: str, required: Iterable[str], packages: Iterable[str], timeout: float = 900) -> str | None:
+    """None when the `required` commands are here (installing `packages` with apt if needed and allowed);
+    otherwise a human-readable reason why `what` is not available."""
+    required, packages = tuple(required), tuple(packages)
+    if not _missing(required):
         return None
     if os.geteuid() != 0:
-        return f"Slurm is not installed ({', '.join(_missing())} missing) and we are not root to apt-get it"
+        return f"{what} is not installed ({', '.join(_missing(required))} missing) and we are not root to apt-get it"
     apt = shutil.which("apt-get", path=_search_path())
     if apt is None:
-        return f"Slurm is not installed ({', '.join(_missing())} missing) and there is no apt-get"
+        return f"{what} is not installed ({', '.join(_missing(required))} missing) and there is no apt-get"
     # One installer at a time among our own processes (pytest-xdist workers, parallel sessions).
-    with open(os.path.join(tempfile.gettempdir(), "shorten-slurm-install.lock"), "w") as lock:
+    with open(os.path.join(tempfile.gettempdir(), "shorten-apt-install.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _missing():
+        if not _missing(required):
             return None
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", PATH=_search_path())
-        install = [apt, "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "--no-install-recommends",
-                   *APT_PACKAGES]
-        # Without a policy-rc.d the packages' init scripts would try to start the daemons (with a
+        install = [apt, "-o", "DPkg::Lock::Timeout=300", "install", "-y", "-q", "--no-install-recommends", *packages]
+        # Without a policy-rc.d the packages' init scripts would try to start the daemons (Slurm's with a
         # /etc/slurm/slurm.conf that does not exist); the policy denies every service start during install.
         policy = Path("/usr/sbin/policy-rc.d")
         made_policy = False
@@ -92,16 +96,21 @@ def ensure_slurm_installed(timeout: float = 900) -> str | None:
                     log.append(f"$ {' '.join(command)}\ntimed out after {timeout:.0f} s\n{exc.stdout or ''}")
                     break
                 log.append(f"$ {' '.join(command)}  (exit {done.returncode})\n{done.stdout}{done.stderr}")
-                if command[-1] == APT_PACKAGES[-1] and done.returncode == 0:
+                if command is install and done.returncode == 0:
                     break
         finally:
             if made_policy:
                 policy.unlink(missing_ok=True)
-    missing = _missing()
+    missing = _missing(required)
     if not missing:
         return None
-    return (f"Slurm could not be installed with apt-get ({', '.join(missing)} still missing); "
+    return (f"{what} could not be installed with apt-get ({', '.join(missing)} still missing); "
             f"apt said:\n{_tail(''.join(log), 25)}")
+
+
+def ensure_slurm_installed(timeout: float = 900) -> str | None:
+    """None when Slurm's daemons and client commands are here (installed with apt if needed and allowed)."""
+    return ensure_installed("Slurm", REQUIRED, APT_PACKAGES, timeout)
 
 
 def _free_port() -> int:
@@ -187,7 +196,7 @@ def _wait_gone(pids: set[int], timeout: float) -> set[int]:
         time.sleep(0.1)
 
 
-CONF_MARK = "# Single-node test cluster written by tests/slurm_cluster.py"
+CONF_MARK = "# Test cluster written by tests/slurm_cluster.py"
 
 
 def reap_orphans() -> list[int]:
@@ -225,20 +234,36 @@ class SlurmError(RuntimeError):
     pass
 
 
+def _same_host(argv: list[str]) -> list[str]:
+    return argv
+
+
+@dataclass(frozen=True)
+class SlurmNode:
+    """A node of the cluster: its name, the address its slurmd listens on, and how to start a process
+    there (``wrap(argv)``: the command that runs argv on the node)."""
+
+    name: str
+    address: str
+    wrap: Callable[[list[str]], list[str]] = field(default=_same_host, compare=False)
+
+
 class SlurmCluster:
-    """One slurmctld + one slurmd (node ``localhost``, partition ``debug``, 4 CPUs) under a temp dir.
+    """One slurmctld + one slurmd per node (default: node ``localhost`` on 127.0.0.1), partition ``debug``
+    holding every node, 4 CPUs per node, all under a temp dir.
 
     ``extra_config`` lines are appended to slurm.conf (a later line wins for most keys), e.g.
-    ``["PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE"]``.
+    ``["PreemptType=preempt/partition_prio", "PreemptMode=REQUEUE"]``. ``controller_address`` is where the
+    nodes reach slurmctld (the host's side of the nodes' bridge).
     """
 
     partition = "debug"
-    node = "localhost"
     cpus = 4
     real_memory_mb = 1024
 
     def __init__(self, root: str | os.PathLike | None = None, extra_config: Iterable[str] = (),
-                 start_timeout: float = 60.0, kill_wait: int = 5, cred_expire: int = 10):
+                 start_timeout: float = 60.0, kill_wait: int = 5, cred_expire: int = 10,
+                 nodes: Sequence[SlurmNode] = (), controller_address: str = "127.0.0.1"):
         # Short base path: slurmd puts unix sockets (108-byte limit) in its spool dir.
         base = root if root is not None else ("/tmp" if os.path.isdir("/tmp") else None)
         self.dir = Path(tempfile.mkdtemp(prefix="slurm-", dir=base))
@@ -247,6 +272,8 @@ class SlurmCluster:
         self.state_dir = self.dir / "state"
         self.spool_dir = self.dir / "spool"
         self.extra_config = list(extra_config)
+        self.nodes = list(nodes) or [SlurmNode("localhost", "127.0.0.1")]
+        self.controller_address = controller_address
         self.start_timeout = start_timeout
         self.kill_wait = kill_wait
         self.cred_expire = cred_expire
@@ -264,7 +291,7 @@ class SlurmCluster:
         lines = [
             CONF_MARK,
             f"ClusterName=shorten{os.getpid()}",
-            f"SlurmctldHost={self.node}(127.0.0.1)",
+            f"SlurmctldHost=localhost({self.controller_address})",
             f"SlurmctldPort={self.ctld_port}",
             f"SlurmdPort={self.slurmd_port}",
             "SlurmUser=root",
@@ -299,23 +326,25 @@ class SlurmCluster:
             "JobCompType=jobcomp/filetxt",
             f"JobCompLoc={self.jobcomp_path}",
             f"StateSaveLocation={self.state_dir}",
-            f"SlurmdSpoolDir={self.spool_dir}",
+            f"SlurmdSpoolDir={self.spool_dir}/%n",  # %n: the node's name
             f"SlurmctldPidFile={d / 'slurmctld.pid'}",
-            f"SlurmdPidFile={d / 'slurmd.pid'}",
+            f"SlurmdPidFile={d / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={d / 'slurmctld.log'}",
-            f"SlurmdLogFile={d / 'slurmd.log'}",
+            f"SlurmdLogFile={d / 'slurmd-%n.log'}",
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
-            f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} RealMemory={self.real_memory_mb} "
-            "State=UNKNOWN",
-            f"PartitionName={self.partition} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP",
+            *(f"NodeName={node.name} NodeAddr={node.address} CPUs={self.cpus} RealMemory={self.real_memory_mb} "
+              "State=UNKNOWN" for node in self.nodes),
+            f"PartitionName={self.partition} Nodes={','.join(node.name for node in self.nodes)} Default=YES "
+            "MaxTime=INFINITE State=UP",
             *self.extra_config,
         ]
         return "\n".join(lines) + "\n"
 
     def _write_config(self) -> None:
         self.state_dir.mkdir(exist_ok=True)
-        self.spool_dir.mkdir(exist_ok=True)
+        for node in self.nodes:
+            (self.spool_dir / node.name).mkdir(parents=True, exist_ok=True)
         self.ctld_port = _free_port()
         self.slurmd_port = _free_port()
         while self.slurmd_port == self.ctld_port:
@@ -358,7 +387,8 @@ class SlurmCluster:
         commands = {
             # -D: stay in the foreground, so the Popen is the daemon; -i: ignore state left in StateSaveLocation.
             "slurmctld": [_which("slurmctld"), "-D", "-i", "-f", str(self.conf_path)],
-            "slurmd": [_which("slurmd"), "-D", "-N", self.node, "-f", str(self.conf_path)],
+            **{f"slurmd-{node.name}": node.wrap([_which("slurmd"), "-D", "-N", node.name, "-f", str(self.conf_path)])
+               for node in self.nodes},
         }
         for name, command in commands.items():
             out = open(self.dir / f"{name}.out", "ab")  # the child keeps its own copy
@@ -371,24 +401,25 @@ class SlurmCluster:
 
     def _wait_until_idle(self) -> None:
         deadline = time.monotonic() + self.start_timeout
-        state = ""
+        states: dict[str, str] = {}
         while time.monotonic() < deadline:
             for name, proc in self.procs.items():
                 if proc.poll() is not None:
                     raise SlurmError(f"{name} exited with {proc.returncode} while starting\n{self.logs()}")
-            done = subprocess.run(["sinfo", "-h", "-n", self.node, "-o", "%T"], env=self.env,
+            done = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env,
                                   capture_output=True, text=True, timeout=30)
-            state = done.stdout.strip()
+            states = dict(line.split() for line in done.stdout.splitlines() if len(line.split()) == 2)
             # "idle*" would be a node not responding; ~#!%$@^- are power/drain/reboot suffixes.
-            if done.returncode == 0 and state.rstrip("~#!%$@^-") in ("idle", "mixed", "allocated"):
+            if done.returncode == 0 and all(states.get(node.name, "").rstrip("~#!%$@^-") in
+                                            ("idle", "mixed", "allocated") for node in self.nodes):
                 return
             time.sleep(0.2)
-        raise SlurmError(f"node {self.node} not idle after {self.start_timeout:.0f} s "
-                         f"(last sinfo state {state!r})\n{self.logs()}")
+        raise SlurmError(f"nodes not idle after {self.start_timeout:.0f} s (last sinfo states {states})\n"
+                         f"{self.logs()}")
 
     def logs(self, lines: int = 40) -> str:
         parts = []
-        for name in DAEMONS:
+        for name in ("slurmctld", *(f"slurmd-{node.name}" for node in self.nodes)):
             for suffix in ("log", "out"):
                 path = self.dir / f"{name}.{suffix}"
                 if path.exists() and path.stat().st_size:
@@ -462,10 +493,12 @@ class SlurmCluster:
 
     # -- commands --------------------------------------------------------------------------------------
 
-    def run(self, *args: str, check: bool = True, timeout: float = 60, **kwargs) -> subprocess.CompletedProcess:
-        """Run a Slurm command (``cluster.run("squeue", "-h")``) against this cluster; text output."""
-        done = subprocess.run([str(a) for a in args], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, **kwargs)
+    def run(self, *args: str, check: bool = True, timeout: float = 60, env: dict[str, str] | None = None,
+            **kwargs) -> subprocess.CompletedProcess:
+        """Run a Slurm command (``cluster.run("squeue", "-h")``) against this cluster; text output. An `env`
+        of the caller's must carry this cluster's SLURM_CONF (start from ``cluster.env``)."""
+        done = subprocess.run([str(a) for a in args], env=self.env if env is None else env, capture_output=True,
+                              text=True, timeout=timeout, **kwargs)
         if check and done.returncode != 0:
             raise SlurmError(f"{' '.join(map(str, args))} exited with {done.returncode}\n"
                              f"stdout: {done.stdout}\nstderr: {done.stderr}")

@@ -180,3 +180,27 @@ def test_universal_conversion_runs_once_under_a_lock_and_restarts_after_a_killed
     assert [rank.exitcode for rank in ranks] == [0, 0]
     assert len(log.read_text().split()) == 2, "the killed attempt, then one conversion for both ranks"
     assert (tmp_path / f"{tag_for(4)}.universal").is_dir()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_ranks_that_cannot_meet_fail_within_the_timeout_naming_the_master(rank):
+    """Rank 1 with no master listening, rank 0 with no other rank arriving: each gives up after
+    distributed.timeout_minutes with one clear error, rather than waiting forever."""
+    import subprocess
+    import sys
+
+    from tests.fixtures import without_distributed_env
+    from training.distributed import free_port
+
+    port = free_port()
+    env = {**without_distributed_env(dict(os.environ)), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}
+    code = ("from training.distributed import RendezvousError, init_distributed\n"
+            "try:\n    init_distributed(timeout_minutes=0.05)\n"
+            "except RendezvousError as err:\n    print(err)\n    raise SystemExit(2)\n")
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr[-3000:]
+    assert f"127.0.0.1:{port}" in result.stdout and "distributed.timeout_minutes" in result.stdout
+    assert ("could not join the master" if rank else "waited 0.05 min") in result.stdout
+    assert time.monotonic() - started < 60  # 3 s of timeout plus imports, not torch's default 30 minutes

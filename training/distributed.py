@@ -75,16 +75,45 @@ def prepare_environment() -> WorldInfo:
     return WorldInfo(int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ["WORLD_SIZE"]))
 
 
+class RendezvousError(ValueError):
+    """The ranks could not meet within the timeout (a user-facing setup error: exit code 2, one line)."""
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> None:
-    """The process group, with `timeout_minutes` for any collective (torch's default for NCCL is 10)."""
+    """The process group, with `timeout_minutes` for any collective (torch's default for NCCL is 10),
+    meeting included: a master that cannot be reached, or ranks that never arrive, end in a
+    RendezvousError naming the master's address and this rank's host, not in a hang."""
     from datetime import timedelta
 
     import deepspeed  # heavy; imported only once the run is known to be valid
 
-    deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(minutes=timeout_minutes))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    unlink_shared_memory_buffer()
+    try:
+        deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(minutes=timeout_minutes))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        unlink_shared_memory_buffer()  # also the first collective: every rank's transport is connected
+    except dist.DistError as err:
+        raise RendezvousError(rendezvous_failure(err, timeout_minutes)) from err
+    except RuntimeError as err:
+        if "connectFullMesh" not in str(err):  # gloo's pairs could not connect within the timeout
+            raise
+        raise RendezvousError(rendezvous_failure(err, timeout_minutes)) from err
+
+
+def rendezvous_failure(err: Exception, timeout_minutes: float) -> str:
+    master = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+    rank, world_size, host = os.environ.get("RANK"), os.environ.get("WORLD_SIZE"), socket.gethostname()
+    cause = str(err).strip().splitlines()[0] if str(err).strip() else err.__class__.__name__
+    if rank == "0":
+        where = (f"rank 0 on {host} waited {timeout_minutes:g} min (distributed.timeout_minutes) at the master "
+                 f"{master} for the other {int(world_size) - 1} rank(s), in vain: check that every node started "
+                 f"its ranks and can reach {master}")
+    else:
+        where = (f"rank {rank} of {world_size} on {host} could not join the master {master} within "
+                 f"{timeout_minutes:g} min (distributed.timeout_minutes): check that the master's node is up, that "
+                 f"its name resolves to an address {host} can reach, and that the port is open")
+    return (f"{where}; raise distributed.timeout_minutes if some ranks start much later than others, and set "
+            f"GLOO_SOCKET_IFNAME/NCCL_SOCKET_IFNAME if the nodes have several interfaces ({cause})")
 
 
 def unlink_shared_memory_buffer() -> None:
