@@ -66,6 +66,11 @@ def ensure_node_tools(with_ssh: bool = False) -> str | None:
     missing = [name for name in REQUIRED if _which(name) is None]
     if missing:
         return f"missing {', '.join(missing)} (iproute2, util-linux) for namespace nodes"
+    # Root in a container may still lack the capabilities: try in a throwaway namespace that goes with it.
+    probe = _run([_which("unshare"), "--net", "--uts", "--mount", "--", _which("ip"), "link", "add", "probe0",
+                  "type", "bridge"], check=False)
+    if probe.returncode != 0:
+        return f"cannot make network namespaces and bridges here: {probe.stderr.strip()}"
     return ensure_installed("OpenSSH server and pdsh", SSH_REQUIRED, SSH_PACKAGES) if with_ssh else None
 
 
