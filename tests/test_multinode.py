@@ -31,8 +31,8 @@ from training.run_dir import tag_for
 pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
-STEPS = 6
-CHECKPOINT_STEP = 3
+STEPS = 4
+CHECKPOINT_STEP = 2
 PREEMPTED = 75
 ZERO_DIFFERENCE = 0.0  # two ranks: every reduction is one sum a+b, the same on any transport
 
@@ -82,7 +82,7 @@ def recipe(nodes, smollm2_dir, cpt_inputs) -> Path:
     path = nodes.shared / "smollm2_cpt.yaml"
     path.write_text(yaml.safe_dump({
         "model": str(smollm2_dir), "train_steps": STEPS, "global_batch": 8, "micro_batch": 2, "zero_stage": 2,
-        "data": {"path": str(cpt_inputs["tokens"]), "seq_len": 64},
+        "data": {"path": str(cpt_inputs["tokens"]), "seq_len": 32},
         "validation": {"every_steps": CHECKPOINT_STEP, "sequences": 8},
         "checkpoint": {"every_steps": CHECKPOINT_STEP, "every_minutes": 0, "keep_last": 10, "permanent_every": 0},
         "logging": {"tensorboard": False}, "distributed": {"timeout_minutes": 2}}))
