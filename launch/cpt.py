@@ -7,8 +7,9 @@ Run it again with the same output_dir and it resumes from the latest committed c
 the data position restored exactly (on another world size too, through DeepSpeed's universal
 checkpoint format). SIGUSR1 or SIGTERM on any rank: the ranks agree at the next step boundary,
 commit a checkpoint and exit with code 75 (EX_TEMPFAIL, "try again"). Exit codes: 0 training
-complete, 2 bad config or inputs (nothing started), 3 too many non-finite steps in a row (the last
-good checkpoint is kept), 75 stopped by a signal after checkpointing.
+complete, 2 bad config or inputs, or ranks that could not meet within distributed.timeout_minutes
+(nothing trained), 3 too many non-finite steps in a row (the last good checkpoint is kept), 75
+stopped by a signal after checkpointing.
 """
 
 from __future__ import annotations

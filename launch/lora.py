@@ -5,7 +5,8 @@
 
 Writes <output_dir>/adapter (PEFT format) and <output_dir>/merged (a plain Hugging Face checkpoint)
 when training completes. Rerun with the same output_dir to resume from the latest committed
-checkpoint. SIGUSR1/SIGTERM: checkpoint, then exit code 75; 2 = bad config or data; 3 = too many non-finite steps.
+checkpoint. SIGUSR1/SIGTERM: checkpoint, then exit code 75; 2 = bad config or data, or ranks that could
+not meet within distributed.timeout_minutes; 3 = too many non-finite steps.
 """
 
 from __future__ import annotations
