@@ -97,7 +97,7 @@ def run_on(node, argv: list[str], env: dict[str, str], timeout: float = 600,
     return result
 
 
-def deepspeed_single_node(nodes, recipe: Path, run_dir: Path) -> list[str]:
+def deepspeed_single_node(recipe: Path, run_dir: Path) -> list[str]:
     return [str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", "29600", "launch/cpt.py", "--config",
             str(recipe), f"output_dir={run_dir}"]
 
@@ -106,7 +106,7 @@ def deepspeed_single_node(nodes, recipe: Path, run_dir: Path) -> list[str]:
 def one_node(nodes, recipe):
     """The reference: the same global batch from 2 ranks on node1 alone, uninterrupted."""
     run_dir = nodes.shared / "one_node"
-    run_on(nodes["node1"], deepspeed_single_node(nodes, recipe, run_dir), node_env(nodes))
+    run_on(nodes["node1"], deepspeed_single_node(recipe, run_dir), node_env(nodes))
     yield run_dir
     shutil.rmtree(run_dir, ignore_errors=True)  # 2.2 GB per checkpoint
 
@@ -241,7 +241,7 @@ def test_deepspeed_hostfile_launch_across_nodes_equals_one_node(hostfile_run, on
 def test_a_two_node_checkpoint_resumes_on_one_node(nodes, recipe, hostfile_run, one_node):
     run_dir = nodes.shared / "two_to_one"
     copy_up_to_checkpoint(hostfile_run[0], run_dir)
-    result = run_on(nodes["node2"], deepspeed_single_node(nodes, recipe, run_dir), node_env(nodes))
+    result = run_on(nodes["node2"], deepspeed_single_node(recipe, run_dir), node_env(nodes))
     assert f"resumed from {run_dir / 'checkpoints' / tag_for(CHECKPOINT_STEP)}" in result.stdout
     assert_same_run(run_dir, one_node, from_step=CHECKPOINT_STEP + 1)
     shutil.rmtree(run_dir, ignore_errors=True)
