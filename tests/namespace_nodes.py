@@ -20,7 +20,6 @@ process's pid, so `reap_leftovers()` can remove what a killed test run left behi
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import itertools
 import os
@@ -34,7 +33,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-from tests.slurm_cluster import _search_path, _wait_gone, _which, ensure_installed
+from tests.slurm_cluster import _die_with_parent, _search_path, _wait_gone, _which, ensure_installed
 
 REQUIRED = ("ip", "nsenter", "unshare", "mount", "hostname")
 SSH_REQUIRED = ("sshd", "ssh", "ssh-keygen", "pdsh")
@@ -80,12 +79,6 @@ def _run(argv: Sequence[str], check: bool = True, timeout: float = 30) -> subpro
     if check and done.returncode != 0:
         raise NodeError(f"{' '.join(argv)} exited with {done.returncode}: {done.stderr.strip()}")
     return done
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the anchor gets SIGKILL if the test process dies without stopping it."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _netns_inode_of(pid: int) -> int | None:

@@ -9,6 +9,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -17,8 +19,10 @@ import pytest
 import torch
 
 from data.loader import GlobalBatchLoader
+from tests.fixtures import without_distributed_env
 from training import stop_signals
 from training.checkpoint import METADATA, CheckpointStore, capture_rng, restore_rng
+from training.distributed import free_port
 from training.run_dir import tag_for
 from training.watchdog import StepWatchdog
 
@@ -186,12 +190,6 @@ def test_universal_conversion_runs_once_under_a_lock_and_restarts_after_a_killed
 def test_ranks_that_cannot_meet_fail_within_the_timeout_naming_the_master(rank):
     """Rank 1 with no master listening, rank 0 with no other rank arriving: each gives up after
     distributed.timeout_minutes with one clear error, rather than waiting forever."""
-    import subprocess
-    import sys
-
-    from tests.fixtures import without_distributed_env
-    from training.distributed import free_port
-
     port = free_port()
     env = {**without_distributed_env(dict(os.environ)), "RANK": str(rank), "LOCAL_RANK": "0", "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}

@@ -55,9 +55,14 @@ def test_ssh_by_name_and_a_node_off_the_network(nodes):
     assert alpha.run(["ssh", "beta", "hostname"], env=nodes.ssh_env()).stdout.strip() == "beta"
 
 
+def skip_without_node_tools() -> None:
+    reason = ensure_node_tools()
+    if reason is not None:
+        pytest.skip(reason)
+
+
 def test_stop_removes_exactly_what_was_made():
-    if ensure_node_tools() is not None:
-        pytest.skip(ensure_node_tools())
+    skip_without_node_tools()
     before = links()
     nodes = NamespaceNodes(("gamma",))
     nodes.start()
@@ -71,8 +76,7 @@ def test_stop_removes_exactly_what_was_made():
 
 
 def test_leftovers_of_a_killed_run_are_reaped():
-    if ensure_node_tools() is not None:
-        pytest.skip(ensure_node_tools())
+    skip_without_node_tools()
     dead = _a_dead_pid()
     subprocess.run(["ip", "netns", "add", f"shorten-{dead}x0-node1"], check=True)
     subprocess.run(["ip", "link", "add", f"shb{dead}x0", "type", "bridge"], check=True)
