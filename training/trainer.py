@@ -18,6 +18,9 @@ A non-finite loss or gradient norm: DeepSpeed's overflow check (on for every ZeR
 precision here) skips the optimizer step on every rank; the step is counted and logged, and
 `optimizer.max_skipped_steps` in a row end the run with "diverged", without a checkpoint of them.
 A step far slower than usual makes the watchdog (`training/watchdog.py`) dump every rank's stacks.
+Rank 0's metrics go to metrics.jsonl and the trackers of `logging.trackers` (`training/metrics.py`;
+their tracked runs' ids are saved in each checkpoint); `profile.*` wraps chosen steps in torch.profiler
+and snapshots CUDA memory when a step runs out of it (`training/profiling.py`).
 """
 
 from __future__ import annotations
@@ -182,15 +185,6 @@ class Trainer:
         if self.step == 0:
             self.evaluate(0, force=True)  # the starting point, for the curves
         batches = iter(self.loader)
-        try:
-            return self.loop(batches)
-        except torch.OutOfMemoryError:
-            if self.oom is not None:
-                self.oom.dump(self.step + 1)
-            raise
-
-    def loop(self, batches: Iterator[dict[str, torch.Tensor]]) -> str:
-        total = self.plan.total_steps
         skipped_in_a_row = 0
         while self.step < total:
             lr = self.scheduler.get_last_lr()[0]
@@ -199,7 +193,12 @@ class Trainer:
             if self.profiler is not None:
                 self.profiler.begin(self.step + 1)
             skipped_before = self.engine.skipped_steps
-            local_loss, local_tokens, data_wait, local_extras = self.train_step(batches)
+            try:
+                local_loss, local_tokens, data_wait, local_extras = self.train_step(batches)
+            except torch.OutOfMemoryError:
+                if self.oom is not None:  # profile.oom_snapshot: what held the memory, before the error goes on
+                    self.oom.dump(self.step + 1)
+                raise
             self.step += 1
             timed_save = self.rank == 0 and self.config.checkpoint.every_minutes > 0 and \
                 time.monotonic() - self.last_save >= 60 * self.config.checkpoint.every_minutes

@@ -42,4 +42,5 @@ class StepLedger:
 
     def begin(self, run_keys: list[str]) -> None:
         """Record the tracked runs this launch feeds, before it sends them anything."""
-        write_json_atomic(self.path, {"active": sorted(run_keys), "through": self.through})
+        if run_keys or self.through or self.path.exists():
+            write_json_atomic(self.path, {"active": sorted(run_keys), "through": self.through})

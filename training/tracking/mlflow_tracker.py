@@ -15,10 +15,14 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from typing import Any
 
 from training.config import MlflowSection
 from training.tracking.base import TrackedRun
+
+# MLflow's SQL store trips a deprecation warning of SQLAlchemy's on every start: not ours to fix
+warnings.filterwarnings("ignore", message="The ``noload`` loader strategy is deprecated")
 
 STATUS = {"completed": "FINISHED", "preempted": "KILLED", "diverged": "FAILED"}
 PARAMS_PER_CALL = 100  # MLflow's limit for one log_batch
