@@ -26,9 +26,7 @@ import json
 import os
 import runpy
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-DEEPSPEED = Path(sys.executable).parent / "deepspeed"
+from tests.benchmarks.bench_cpt import launch  # noqa: E402  (2 CPU ranks under the deepspeed launcher)
+
 DEMO_REMOVED_BLOCKS = [4, 9, 12, 13, 14, 17, 18]  # what `make demo` prunes from SmolLM2 (PPL, 20%)
 STEPS, WARMUP, ROUNDS, TARGET = 10, 3, 3, 0.01
 VARIANTS = {"off": ["logging.trackers=[]"],
@@ -85,36 +84,17 @@ def build_inputs(work: Path) -> tuple[Path, Path]:
     return work / "model", work / "tokens"
 
 
-def launch(model: Path, tokens: Path, run_dir: Path, variant: str) -> dict:
-    from training.distributed import free_port
-
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", WANDB_CONSOLE="off")
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+def run(model: Path, tokens: Path, run_dir: Path, variant: str) -> dict:
     timings = run_dir.with_suffix(".json")
-    command = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(Path(__file__).resolve()),
-               "--rank", str(timings), "--config", str(ROOT / "configs" / "cpt" / "smollm2_demo.yaml"),
-               f"model={model}", f"data.path={tokens}", f"output_dir={run_dir}", f"train_steps={STEPS}",
-               "validation.every_steps=0", "zeroshot.every_steps=0", "checkpoint.every_steps=0",
-               "checkpoint.export_at_end=false", *VARIANTS[variant]]
-    started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                               start_new_session=True)  # its own process group: a timeout ends the ranks too
-    try:
-        stdout, stderr = process.communicate(timeout=900)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        stdout, stderr = process.communicate()
-    if process.returncode != 0:
-        print(f"{variant} run failed with exit code {process.returncode}\n--- stdout\n{stdout[-4000:]}\n"
-              f"--- stderr\n{stderr[-6000:]}", file=sys.stderr)
-        sys.exit(1)
+    wall_s = launch(Path(__file__).resolve(), [
+        "--rank", str(timings), "--config", str(ROOT / "configs" / "cpt" / "smollm2_demo.yaml"), f"model={model}",
+        f"data.path={tokens}", f"output_dir={run_dir}", f"train_steps={STEPS}", "validation.every_steps=0",
+        "zeroshot.every_steps=0", "checkpoint.every_steps=0", "checkpoint.export_at_end=false", *VARIANTS[variant]],
+        f"trackers {variant}")
     calls = json.loads(timings.read_text())
     assert [c["step"] for c in calls] == list(range(1, STEPS + 1)), calls
     return {"loop_s": [b["at"] - a["at"] for a, b in zip(calls, calls[1:], strict=False)][WARMUP - 1:],
-            "log_s": [c["seconds"] for c in calls][WARMUP:], "wall_s": time.perf_counter() - started}
+            "log_s": [c["seconds"] for c in calls][WARMUP:], "wall_s": wall_s}
 
 
 def report(runs: dict[str, list[dict]]) -> None:
@@ -123,9 +103,9 @@ def report(runs: dict[str, list[dict]]) -> None:
     print(f"  {'':28}{'loop s/step':>12}{'log ms/step':>13}{'launch wall s':>15}")
     for round_ in range(ROUNDS):
         for variant in VARIANTS:
-            run = runs[variant][round_]
-            print(f"  round {round_ + 1} trackers {variant:<12}{statistics.median(run['loop_s']):12.3f}"
-                  f"{statistics.median(run['log_s']) * 1e3:13.2f}{run['wall_s']:15.1f}")
+            launched = runs[variant][round_]
+            print(f"  round {round_ + 1} trackers {variant:<12}{statistics.median(launched['loop_s']):12.3f}"
+                  f"{statistics.median(launched['log_s']) * 1e3:13.2f}{launched['wall_s']:15.1f}")
     pooled = {v: statistics.median(t for run in runs[v] for t in run["loop_s"]) for v in VARIANTS}
     logged = {v: statistics.median(t for run in runs[v] for t in run["log_s"]) for v in VARIANTS}
     spread = {v: max(statistics.median(r["loop_s"]) for r in runs[v]) / min(statistics.median(r["loop_s"])
@@ -144,13 +124,14 @@ def report(runs: dict[str, list[dict]]) -> None:
 
 def main() -> None:
     start = time.perf_counter()
+    os.environ["WANDB_CONSOLE"] = "off"  # the launches inherit it: W&B leaves rank 0's console alone
     work = Path(tempfile.mkdtemp(prefix="shorten-bench-tracking-"))
     try:
         model, tokens = build_inputs(work)
         runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}
         for round_ in range(ROUNDS):
             for variant in VARIANTS:
-                runs[variant].append(launch(model, tokens, work / f"{variant}-{round_}", variant))
+                runs[variant].append(run(model, tokens, work / f"{variant}-{round_}", variant))
         report(runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -163,6 +144,6 @@ if __name__ == "__main__":
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args.rank is not None:
-        timed_cpt(args.rank, [a for a in rest if not a.startswith("--local_rank")])
+        timed_cpt(args.rank, rest)
     else:
         main()
