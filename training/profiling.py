@@ -5,11 +5,12 @@
                             <output_dir>/profile/rank<R>.<time>.pt.trace.json: TensorBoard's profiler
                             plugin (`tensorboard --logdir <output_dir>/profile`) and Perfetto
                             (ui.perfetto.dev) open it; steps are marked ProfilerStep#a..b
-  profile.memory=true       also records allocations (memory in the trace, with shapes and stacks) and
-                            the memory timeline of the window: on a GPU a CUDA memory snapshot,
-                            rank<R>_memory_steps<a>-<b>.pickle (pytorch.org/memory_viz, torch's
-                            recommended tool); on the CPU the profiler's timeline,
-                            rank<R>_memory_timeline.html
+  profile.memory=true       also records every allocation with its shape and stack: the trace's memory
+                            events (TensorBoard's Memory View, Perfetto's counters); on a GPU also the
+                            window's CUDA memory snapshot, rank<R>_memory_steps<a>-<b>.pickle, whose
+                            timeline pytorch.org/memory_viz draws (torch's recommended tool; the
+                            profiler's own export_memory_timeline is deprecated and failed here on
+                            DeepSpeed's graph)
   profile.oom_snapshot=true GPU: CUDA allocation history is recorded from the start; a step that raises
                             torch.OutOfMemoryError dumps it to oom_rank<R>_step<N>.pickle before the
                             error goes on (drag it into pytorch.org/memory_viz)
@@ -76,18 +77,18 @@ class StepProfiler:
         if step < self.last:
             self.profiler.step()
             return
-        self.profiler.stop()  # writes the trace
-        if self.memory and self.device.type == "cuda":
-            torch.cuda.memory._dump_snapshot(
-                str(self.directory / f"rank{self.rank}_memory_steps{self.started_at}-{step}.pickle"))
-            if not self.keep_recording:
-                torch.cuda.memory._record_memory_history(enabled=None)
-        elif self.memory:
-            with warnings.catch_warnings():  # deprecated for CUDA's snapshots above; the CPU has nothing else
-                warnings.simplefilter("ignore", FutureWarning)
-                self.profiler.export_memory_timeline(
-                    str(self.directory / f"rank{self.rank}_memory_timeline.html"), device="cpu")
-        print(f"rank {self.rank}: profile of steps {self.started_at}..{step} written to {self.directory}", flush=True)
+        try:
+            self.profiler.stop()  # writes the trace
+            if self.memory and self.device.type == "cuda":
+                torch.cuda.memory._dump_snapshot(
+                    str(self.directory / f"rank{self.rank}_memory_steps{self.started_at}-{step}.pickle"))
+                if not self.keep_recording:
+                    torch.cuda.memory._record_memory_history(enabled=None)
+            print(f"rank {self.rank}: profile of steps {self.started_at}..{step} written to {self.directory}",
+                  flush=True)
+        except Exception as err:  # a profile never stops training (a full disk, say)
+            warnings.warn(f"rank {self.rank}: the profile of steps {self.started_at}..{step} could not be written "
+                          f"({type(err).__name__}: {err})", RuntimeWarning, stacklevel=2)
         self.profiler = None
         self.first = self.last + 1  # done: a later step never starts it again
 
