@@ -191,7 +191,9 @@ def test_a_stopped_and_resumed_run_is_one_wandb_run_and_one_mlflow_run_without_d
                                                                                                  tmp_path):
     """`python launch/cpt.py` (one process) stopped by SIGUSR1 after step 3; its last checkpoint is then lost,
     so the next launch resumes from step 2 and trains step 3 again: W&B (offline) and MLflow continue the
-    same run, do not get step 3 twice, and hold exactly metrics.jsonl."""
+    same run and do not get step 3 twice. They hold metrics.jsonl: steps after 3 as the second launch logged
+    them, steps up to 3 as the first did (losses, lr, gradient norm: equal, the resume is exact; timings:
+    those of the first time a step ran)."""
     from tests.test_cpt import wait_for_step
 
     run_dir = tmp_path / "run"
@@ -201,12 +203,16 @@ def test_a_stopped_and_resumed_run_is_one_wandb_run_and_one_mlflow_run_without_d
                "validation.sequences=4", "checkpoint.every_steps=2", "checkpoint.export_at_end=false",
                "logging.trackers=[tensorboard,wandb,mlflow]", *OFFLINE_WANDB]
     env = without_distributed_env(dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_CONSOLE="off"))
-    first = subprocess.Popen(command, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_step(run_dir, 3, first)
-    first.send_signal(signal.SIGUSR1)
-    output, _ = first.communicate(timeout=300)
+    log = tmp_path / "first.log"  # a file, not a pipe: W&B's and MLflow's start-up output would fill a pipe
+    with open(log, "w") as out:
+        first = subprocess.Popen(command, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True)
+        wait_for_step(run_dir, 3, first)
+        first.send_signal(signal.SIGUSR1)
+        first.wait(timeout=300)
+    output = log.read_text()
     stopped = max(json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines())
     assert first.returncode == 75 and stopped >= 3, output[-3000:]
+    first_launch = jsonl_series(run_dir)
     _, before = mlflow_series(run_dir)
     assert sorted(before["train/loss"]) == list(range(1, stopped + 1))
     saved = json.loads((run_dir / "checkpoints" / tag_for(stopped) / "shorten_checkpoint.json").read_text())
@@ -222,8 +228,13 @@ def test_a_stopped_and_resumed_run_is_one_wandb_run_and_one_mlflow_run_without_d
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert f"resumed from {run_dir / 'checkpoints' / tag_for(resumed_from)}" in second.stdout
 
-    expected = jsonl_series(run_dir)
-    assert sorted(expected["train/loss"]) == [1, 2, 3, 4, 5, 6]
+    final = jsonl_series(run_dir)
+    assert sorted(final["train/loss"]) == [1, 2, 3, 4, 5, 6]
+    for key in ("train/loss", "train/lr", "train/grad_norm", "train/tokens", "val/loss"):
+        for step, value in first_launch[key].items():  # trained twice from the same state: the same values
+            assert final[key][step] == value, (key, step)
+    expected = {key: {**first_launch.get(key, {}), **{s: v for s, v in final.get(key, {}).items() if s > stopped}}
+                for key in first_launch.keys() | final.keys()}
     ids, in_wandb = wandb_series(run_dir)
     assert ids == {saved["trackers"]["wandb"]["id"]}, "one W&B run across both launches"
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # `wandb sync` uploads both into it
