@@ -264,6 +264,26 @@ def test_the_ledger_keeps_the_last_step_each_tracked_run_received_across_launche
     assert StepLedger(path, previous_last_step=3).last_step("wandb:a") == -1
 
 
+def test_a_tracker_that_cannot_start_is_left_out_and_its_run_kept_for_the_next_launch(tmp_path, monkeypatch):
+    from training.metrics import MetricsLogger
+    from training.run_dir import RunDir
+    from training.tracking.mlflow_tracker import MlflowTracker
+
+    def unreachable(*args, **kwargs):
+        raise ConnectionError("tracking server unreachable")
+
+    monkeypatch.setattr(MlflowTracker, "__init__", unreachable)
+    logging = load_config(LoggingSection, None, ["trackers=[mlflow]"])
+    with pytest.warns(RuntimeWarning, match="tracker mlflow could not start .ConnectionError: tracking server "
+                                            "unreachable.; training goes on without it"):
+        logger = MetricsLogger(RunDir(tmp_path), True, 4, 10, logging, {}, {"mlflow": {"run_id": "abc"}})
+    logger.log(5, {"train.loss": 1.0})
+    assert logger.tracker_states() == {"mlflow": {"run_id": "abc"}}, "the next checkpoint still names the run"
+    logger.close("completed")
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 5, "train.loss": 1.0}\n'
+    assert (tmp_path / "curves.png").is_file()
+
+
 def test_trackers_and_profiling_are_checked_before_launch(cpt_inputs, tmp_path, monkeypatch):
     import importlib.util
 

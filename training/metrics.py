@@ -61,6 +61,7 @@ class MetricsLogger:
         self.start_step, self.started = start_step, time.perf_counter()
         self.run, self.path = run, run.metrics
         self.trackers: list = []  # (tracker, the last step its tracked run already holds)
+        self.saved_states = tracker_states  # kept for a tracker that cannot start in this launch
         if not enabled:
             return
         from training.tracking import StepLedger, TrackedRun, open_trackers
@@ -86,7 +87,8 @@ class MetricsLogger:
 
     def tracker_states(self) -> dict[str, dict]:
         """What each tracker needs to continue its tracked run after a resume (rank 0; {} elsewhere)."""
-        return {tracker.name: state for tracker, _ in self.trackers if (state := tracker.state())}
+        current = {tracker.name: state for tracker, _ in self.trackers if (state := tracker.state())}
+        return {**self.saved_states, **current} if self.enabled else {}
 
     def progress(self, step: int, metrics: dict[str, float | int | None]) -> None:
         if not self.enabled or (step % self.print_every and step != self.total_steps):

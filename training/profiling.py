@@ -105,10 +105,16 @@ class OOMSnapshot:
         self.rank, self.directory = rank, directory
         torch.cuda.memory._record_memory_history(max_entries=MEMORY_HISTORY_ENTRIES)
 
-    def dump(self, step: int) -> Path:
-        self.directory.mkdir(parents=True, exist_ok=True)
+    def dump(self, step: int) -> Path | None:
+        """Called while the out-of-memory error propagates: never raises one of its own in its place."""
         path = self.directory / f"oom_rank{self.rank}_step{step}.pickle"
-        torch.cuda.memory._dump_snapshot(str(path))
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            torch.cuda.memory._dump_snapshot(str(path))
+        except Exception as err:
+            print(f"rank {self.rank}: out of memory in step {step}; the CUDA memory snapshot could not be written "
+                  f"({type(err).__name__}: {err})", flush=True)
+            return None
         print(f"rank {self.rank}: out of memory in step {step}; CUDA memory snapshot: {path} "
               "(open it at pytorch.org/memory_viz)", flush=True)
         return path
