@@ -42,16 +42,18 @@ def jsonl_series(run_dir: Path) -> dict[str, dict[int, float]]:
     return series
 
 
-def wandb_series(run_dir: Path) -> tuple[set[str], dict[str, dict[int, float]]]:
-    """Every offline W&B run under run_dir/wandb, read by wandb's own reader: (run ids, {key: {step: value}}),
-    failing on a step that two launches both sent."""
-    ids, series = set(), {}
+def wandb_series(run_dir: Path) -> tuple[set[str], dict[str, dict[int, float]], list[dict]]:
+    """Every offline W&B run under run_dir/wandb, read by wandb's own reader: (run ids, {key: {step: value}},
+    each launch's run config), failing on a step that two launches both sent."""
+    ids, series, configs = set(), {}, []
     for log in sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb")):
         ids.add(log.stem.removeprefix("run-"))
         result = subprocess.run([str(Path(sys.executable).parent / "wandb"), "leet", "inspect", "--json", str(log)],
                                 capture_output=True, text=True, check=True)
         for line in result.stdout.splitlines():
             record = json.loads(line)
+            if record.get("type") == "run":
+                configs.append(record["run"]["config"]["update"])
             if record.get("type") != "history":
                 continue
             item = record["history"]["item"]
@@ -59,7 +61,7 @@ def wandb_series(run_dir: Path) -> tuple[set[str], dict[str, dict[int, float]]]:
                 if not key.startswith("_"):
                     assert item["_step"] not in series.get(key, {}), f"W&B got {key} twice at step {item['_step']}"
                     series.setdefault(key, {})[item["_step"]] = value
-    return ids, series
+    return ids, series, configs
 
 
 def mlflow_series(run_dir: Path) -> tuple[list, dict[str, dict[int, float]]]:
@@ -136,8 +138,9 @@ def test_every_tracker_gets_metrics_jsonl_and_a_failing_one_never_stops_training
     for key, values in expected.items():  # TensorBoard stores float32
         assert in_tensorboard[key] == pytest.approx(values, rel=1e-6), key
     assert (run_dir / "curves.png").stat().st_size > 10_000
-    ids, in_wandb = wandb_series(run_dir)
+    ids, in_wandb, [wandb_config] = wandb_series(run_dir)
     assert len(ids) == 1 and in_wandb == {}, "the W&B run exists; every log call to it failed"
+    assert wandb_config["run_dir"] == str(run_dir.resolve()) and wandb_config["optimizer"]["lr"] == 0.0001
     saved = json.loads((run_dir / "trackers.json").read_text())
     assert saved["active"] == sorted([f"mlflow:{run.info.run_id}", f"wandb:{ids.pop()}"])
 
@@ -235,7 +238,7 @@ def test_a_stopped_and_resumed_run_is_one_wandb_run_and_one_mlflow_run_without_d
             assert final[key][step] == value, (key, step)
     expected = {key: {**first_launch.get(key, {}), **{s: v for s, v in final.get(key, {}).items() if s > stopped}}
                 for key in first_launch.keys() | final.keys()}
-    ids, in_wandb = wandb_series(run_dir)
+    ids, in_wandb, _ = wandb_series(run_dir)
     assert ids == {saved["trackers"]["wandb"]["id"]}, "one W&B run across both launches"
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # `wandb sync` uploads both into it
     assert in_wandb == expected
