@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 from tests.benchmarks.bench_cpt import launch  # noqa: E402  (2 CPU ranks under the deepspeed launcher)
 
 DEMO_REMOVED_BLOCKS = [4, 9, 12, 13, 14, 17, 18]  # what `make demo` prunes from SmolLM2 (PPL, 20%)
-STEPS, WARMUP, ROUNDS, TARGET = 10, 3, 3, 0.01
+STEPS, WARMUP, ROUNDS, TARGET = 8, 2, 2, 0.01
 VARIANTS = {"off": ["logging.trackers=[]"],
             "on": ["logging.trackers=[tensorboard,wandb,mlflow]", "logging.wandb.mode=offline",
                    "logging.wandb.project=shorten-bench"]}
