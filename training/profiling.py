@@ -6,7 +6,7 @@
                             plugin (`tensorboard --logdir <output_dir>/profile`) and Perfetto
                             (ui.perfetto.dev) open it; steps are marked ProfilerStep#a..b
   profile.memory=true       also records every allocation with its shape and stack: the trace's memory
-                            events (TensorBoard's Memory View, Perfetto's counters); on a GPU also the
+                            events (TensorBoard's Memory View draws them); on a GPU also the
                             window's CUDA memory snapshot, rank<R>_memory_steps<a>-<b>.pickle, whose
                             timeline pytorch.org/memory_viz draws (torch's recommended tool; the
                             profiler's own export_memory_timeline is deprecated and failed here on
