@@ -217,7 +217,8 @@ class ProfileSection:
         "steps": "[first, last]: profile these optimizer steps (inclusive) into <output_dir>/profile/ as Chrome "
                  "traces (TensorBoard's profiler, Perfetto); [] = off, nothing is created",
         "ranks": "the ranks that profile (each writes its own trace)",
-        "memory": "also record allocations: memory in the trace and a memory timeline (.html) per rank",
+        "memory": "also record allocations with shapes and stacks (TensorBoard's Memory View); on a GPU also the "
+                  "window's CUDA memory snapshot (pytorch.org/memory_viz)",
         "oom_snapshot": "GPU: record CUDA allocation history and dump it to <output_dir>/profile/ when a step runs "
                         "out of memory (open it at pytorch.org/memory_viz)",
     }
