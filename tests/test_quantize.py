@@ -197,6 +197,7 @@ def test_smollm2_in_4_bits_reloads_and_evaluates_like_any_model(tmp_path, smollm
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     original, quantized = json.loads((tmp_path / "eval" / "results.json").read_text())["models"]
     assert quantized["blocks"] == original["blocks"] == 30
+    assert quantized["params"] == original["params"]  # a packed GPTQ layer counts the weights it stands for
     ppl_original, ppl_quantized = original["perplexity"]["wiki@128"], quantized["perplexity"]["wiki@128"]
     assert math.isfinite(ppl_quantized) and ppl_original < ppl_quantized < 1.5 * ppl_original
     assert quantized["zeroshot"]["average"] > 0.5  # 4 choices: chance is 0.25; the original scores ~0.9

@@ -80,7 +80,7 @@ def check_group_size(linears: dict[str, int], group_size: int) -> None:
                           f"groups. Use group_size={fits}, which divides every layer")
 
 
-def local_checkpoint(model: str, trust_remote_code: bool) -> Path:
+def local_checkpoint(model: str) -> Path:
     """The checkpoint directory (a hub name is fetched into the HF cache); refuses what is not one."""
     path = Path(resolve_model(model)).expanduser()
     if not path.exists() and not model.startswith((".", "/", "~")):
@@ -136,7 +136,7 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     start = time.perf_counter()
     check_output_dir(config.output_dir, config.overwrite)
     versions = {**library_versions(), **gptq.library_versions()}
-    model_path = local_checkpoint(config.model, config.trust_remote_code)
+    model_path = local_checkpoint(config.model)
     linears = block_linears(AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code),
                             config.trust_remote_code)
     check_group_size(linears, config.group_size)
