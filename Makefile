@@ -14,7 +14,11 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build
 	$(PY) -m pip install -q "torch==2.13.0"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,quantize]"
+	# GPTQModel without its declared dependencies: the quantize extra holds them, less two. torchao is optional
+	# at run time (GPTQModel's FP4 paths only) and, once installed, is imported by every transformers model
+	# load and logs failed CUDA library loads on a CPU torch; GPTQModel's numpy==2.2.6 pin would move ours.
+	$(PY) -m pip install -q --no-deps gptqmodel
 	rm -f $(VENV)/.installed-*
 	touch $@
 

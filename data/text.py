@@ -1,9 +1,9 @@
 """Read documents from a text source: a local .txt/.jsonl/.jsonl.zst/.json/.parquet file or a HF dataset.
 
 Local formats follow what `datasets` does with the same files: a .txt file has one document per
-line; .jsonl (optionally zstd-compressed), .json (a list of records) and .parquet (the hub's own
-format, e.g. wikitext's test-00000-of-00001.parquet) hold records whose `text_field` is the
-document. Anything else is taken as a Hugging Face dataset name.
+line; .jsonl (optionally zstd-compressed), .json (a list of records, or JSON lines) and .parquet
+(the hub's own format, e.g. wikitext's test-00000-of-00001.parquet) hold records whose `text_field`
+is the document. Anything else is taken as a Hugging Face dataset name.
 """
 
 from __future__ import annotations
@@ -48,7 +48,11 @@ def _read_local(path: Path, text_field: str) -> list[str]:
     if name.endswith(".txt"):
         return path.read_text(encoding="utf-8", errors="replace").splitlines()
     if name.endswith(".json"):
-        records = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError:  # JSON lines named .json, as `datasets` reads them (the official C4 subset)
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
         if not isinstance(records, list):
             raise TextSourceError(f"{path}: a .json text source must hold a list of records")
         return [_field(r, text_field, path, i + 1) for i, r in enumerate(records)]

@@ -5,7 +5,7 @@
   python launch/submit.py eval --config configs/eval/paper.yaml --after 1234 model=...   # afterok:1234
   python launch/submit.py cpt --config ... --dry-run                                     # show only
 
-Stages: prune, prepare_data, cpt, eval, lora; trailing key=value overrides go to the stage.
+Stages: prune, prepare_data, cpt, eval, lora, quantize; trailing key=value overrides go to the stage.
 cpt and lora jobs get --requeue, --signal=USR1@<signal-seconds> (to the tasks) and
 --open-mode=append: on the signal the ranks commit a checkpoint and exit 75, the job requeues
 itself (also after a SIGTERM to the batch shell), and the rerun resumes from the latest
@@ -48,7 +48,8 @@ STAGES = {"prune": Stage("prune.py", "pruning.config:PruneConfig"),
           "prepare_data": Stage("prepare_data.py", "data.prepare:PrepareConfig"),
           "cpt": Stage("cpt.py", "training.config:CPTConfig"),
           "lora": Stage("lora.py", "training.config:LoRAConfig"),
-          "eval": Stage("eval.py", "training.eval_config:EvalConfig")}
+          "eval": Stage("eval.py", "training.eval_config:EvalConfig"),
+          "quantize": Stage("quantize.py", "training.quantization.config:QuantizeConfig")}
 REQUEUED_STAGES = ("cpt", "lora")
 
 

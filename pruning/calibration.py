@@ -1,9 +1,12 @@
-"""Calibration samples drawn exactly as the official code draws them (shortened-llm src/dataset.py
-`get_examples`), so that the same rows, seed and tokenizer give the same token ids.
+"""Calibration samples drawn exactly as the official code draws them, so that the same rows, seed and
+tokenizer give the same token ids. Two samplers, as the official repository has two:
 
-For each sample: draw a row index with `randint(0, rows - 1)` until the row is long enough and not
-drawn before, then a window start with `randint(0, n - seq_len)`; all draws come from one Python
-`random` stream seeded with `seed`. Two BOS modes, as in the official scripts:
+- `sample_calibration` (pruning; shortened-llm src/dataset.py `get_examples`): whole rows, one window each;
+- `sample_concatenated` (GPTQ; src/quantize_gptq.py `get_dataset`): windows of the rows joined into one stream.
+
+`sample_calibration`, for each sample: draw a row index with `randint(0, rows - 1)` until the row
+is long enough and not drawn before, then a window start with `randint(0, n - seq_len)`; all draws
+come from one Python `random` stream seeded with `seed`. Two BOS modes, as in the official scripts:
 
 - `special_tokens` (LLaMA/Vicuna scripts): rows are tokenized with the tokenizer's special tokens,
   so LLaMA's BOS is part of the row, counts towards its length and can start a window.
@@ -32,9 +35,7 @@ def sample_calibration(documents: list[str], tokenizer: PreTrainedTokenizerBase,
                        seq_len: int, seed: int, bos: CalibrationBos = "special_tokens") -> torch.Tensor:
     """A LongTensor [num_samples, seq_len] of token ids; `documents` are the source's rows in order
     (empty rows included: they take part in the draws as in the official code)."""
-    if bos == "every" and tokenizer.bos_token_id is None:
-        raise CalibrationError("calibration.bos=every needs a tokenizer with a BOS token; this one has none "
-                               "(use calibration.bos=special_tokens)")
+    _check_bos(tokenizer, bos)
     if not documents:
         raise CalibrationError("the calibration text source has no rows")
     rng = random.Random(seed)
@@ -56,8 +57,35 @@ def sample_calibration(documents: list[str], tokenizer: PreTrainedTokenizerBase,
                     f"{num_samples} samples were requested: use a larger text source, or lower "
                     "calibration.num_samples or calibration.seq_len")
         start = rng.randint(0, len(ids) - seq_len)
-        window = ids[start:start + seq_len]
-        if bos == "every":
-            window = [tokenizer.bos_token_id] + window[:-1]
-        samples.append(window)
+        samples.append(_window_with_bos(ids[start:start + seq_len], tokenizer, bos))
     return torch.tensor(samples, dtype=torch.long)
+
+
+def _check_bos(tokenizer: PreTrainedTokenizerBase, bos: CalibrationBos) -> None:
+    if bos == "every" and tokenizer.bos_token_id is None:
+        raise CalibrationError("calibration.bos=every needs a tokenizer with a BOS token; this one has none "
+                               "(use calibration.bos=special_tokens)")
+
+
+def _window_with_bos(window: list[int], tokenizer: PreTrainedTokenizerBase, bos: CalibrationBos) -> list[int]:
+    return [tokenizer.bos_token_id] + window[:-1] if bos == "every" else window
+
+
+def sample_concatenated(documents: list[str], tokenizer: PreTrainedTokenizerBase, num_samples: int, seq_len: int,
+                        seed: int, bos: CalibrationBos = "special_tokens", max_rows: int = 5000) -> torch.Tensor:
+    """A LongTensor [num_samples, seq_len] drawn as the official GPTQ script draws its C4 calibration set:
+    the first `max_rows` rows joined with blank lines and tokenized once (`special_tokens`: with the
+    tokenizer's special tokens, so LLaMA's BOS starts the stream only), then `num_samples` window starts
+    `randint(0, n - seq_len - 1)` from one Python `random` stream seeded with `seed` (the script's
+    `set_seed(0)`). Windows may overlap and cross row boundaries, so short rows (C4's) serve as well
+    as long ones. `every`: tokenized without special tokens, BOS put before each window."""
+    _check_bos(tokenizer, bos)
+    text = "\n\n".join(documents[:max_rows])
+    ids = tokenizer(text, add_special_tokens=bos == "special_tokens", verbose=False)["input_ids"]
+    if len(ids) < seq_len + 1:
+        raise CalibrationError(f"the calibration text has {len(ids)} tokens in its first {max_rows} rows, fewer than "
+                               f"one window of {seq_len} + 1: use a larger text source or a smaller "
+                               "calibration.seq_len")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, len(ids) - seq_len - 1) for _ in range(num_samples)]
+    return torch.tensor([_window_with_bos(ids[s:s + seq_len], tokenizer, bos) for s in starts], dtype=torch.long)

@@ -138,5 +138,7 @@ def block_parameter_counts(model: nn.Module) -> list[int]:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Unique parameters (tied embeddings counted once); a quantized layer whose weights are packed into
+    buffers (GPTQ's `qweight`) counts the in_features x out_features weights it stands for."""
+    packed = sum(m.in_features * m.out_features for m in model.modules() if hasattr(m, "qweight"))
+    return packed + sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

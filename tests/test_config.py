@@ -107,8 +107,9 @@ def test_every_launch_script_answers_help_without_heavy_imports(script):
 
 
 STAGE_OF_SCRIPT = {"prune.py": "prune", "prepare_data.py": "prepare_data", "cpt.py": "cpt", "lora.py": "lora",
-                   "eval.py": "eval"}
-RECIPE_STAGES = {"prune": "prune", "data": "prepare_data", "cpt": "cpt", "lora": "lora", "eval": "eval"}
+                   "eval.py": "eval", "quantize.py": "quantize"}
+RECIPE_STAGES = {"prune": "prune", "data": "prepare_data", "cpt": "cpt", "lora": "lora", "eval": "eval",
+                 "quantize": "quantize"}
 
 
 def stage_config_class(stage: str) -> type:

@@ -7,7 +7,7 @@ import zstandard
 from transformers import AutoTokenizer
 
 from data.text import TextSourceError, load_documents
-from pruning.calibration import CalibrationError, sample_calibration
+from pruning.calibration import CalibrationError, sample_calibration, sample_concatenated
 
 
 @pytest.fixture
@@ -21,7 +21,9 @@ def sources(tmp_path):
     zst.write_bytes(zstandard.ZstdCompressor().compress(jsonl.read_bytes()))
     js = tmp_path / "a.json"
     js.write_text(json.dumps([{"output": d} for d in docs]))
-    return {"txt": txt, "jsonl": jsonl, "zst": zst, "json": js}
+    json_lines = tmp_path / "lines.json"  # JSON lines under a .json name, as `datasets` writes them
+    json_lines.write_text(jsonl.read_text())
+    return {"txt": txt, "jsonl": jsonl, "zst": zst, "json": js, "json_lines": json_lines}
 
 
 def test_local_formats_give_the_same_documents(sources):
@@ -30,6 +32,7 @@ def test_local_formats_give_the_same_documents(sources):
     assert load_documents(str(sources["jsonl"])) == expected
     assert load_documents(str(sources["zst"])) == expected
     assert load_documents(str(sources["json"]), text_field="output") == expected
+    assert load_documents(str(sources["json_lines"])) == expected
 
 
 def test_missing_field_and_file(sources, tmp_path):
@@ -94,6 +97,32 @@ def test_calibration_equals_the_official_sampler(bos, smollm2_dir, wiki_path):
         official = _official_get_examples(rows, tokenizer, 10, seq_len, add_bos_to_every=bos == "every")
         assert torch.equal(ours, official)
     assert (ours[:, 0] == tokenizer.bos_token_id).all() == (bos == "every")
+
+
+def _official_gptq_dataset(rows, tokenizer, nsamples, seqlen, buffer_size=5000):
+    """shortened-llm src/quantize_gptq.py get_dataset, transcribed line by line (after set_seed(0))."""
+    random.seed(0)
+    all_text = "\n\n".join(rows[:buffer_size])
+    encoding = tokenizer(all_text, return_tensors="pt")
+    dataset = []
+    for _ in range(nsamples):
+        i = random.randint(0, encoding.input_ids.shape[1] - seqlen - 1)
+        dataset.append(encoding.input_ids[:, i:i + seqlen])
+    return torch.cat(dataset, dim=0)
+
+
+def test_concatenated_calibration_equals_the_official_gptq_sampler(smollm2_dir):
+    """The official GPTQ calibration: C4 rows joined, one tokenization (BOS at the start only, LLaMA-like
+    here), windows anywhere in the stream; the same ids for the same rows, seed and length."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir, add_bos_token=True)
+    rows = load_documents("embedded:c4_demo.jsonl", keep_empty=True)
+    for seq_len, buffer in ((2048, 5000), (256, 40)):
+        ours = sample_concatenated(rows, tokenizer, 16, seq_len, seed=0, max_rows=buffer)
+        assert torch.equal(ours, _official_gptq_dataset(rows, tokenizer, 16, seq_len, buffer))
+    every = sample_concatenated(rows, tokenizer, 4, 256, seed=0, bos="every", max_rows=40)
+    assert (every[:, 0] == tokenizer.bos_token_id).all() and not (ours[1:, 0] == tokenizer.bos_token_id).any()
+    with pytest.raises(CalibrationError, match="fewer than one window of 2048"):
+        sample_concatenated(rows[:3], tokenizer, 1, 2048, seed=0)
 
 
 def test_dataset_repository_goes_through_datasets(tmp_path):
