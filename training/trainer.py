@@ -35,7 +35,7 @@ from data.artifacts import library_versions
 from data.config import merge_dicts, save_config, to_dict
 from data.loader import GlobalBatchLoader, to_device
 from data.precision import torch_dtype
-from training.attention import register_varlen
+from training.attention import attach_boundaries, register_varlen
 from training.checkpoint import UNIVERSAL_SUFFIX, CheckpointError, CheckpointStore, restore_rng
 from training.config import TrainingConfig
 from training.distributed import all_sum, barrier
@@ -113,6 +113,8 @@ def load_model(config: TrainingConfig, plan: RunPlan, path: str | None = None) -
                                                  attn_implementation=plan.attention)
     del keep_alive
     model.config.use_cache = False
+    if plan.attention == "varlen":
+        attach_boundaries(model)
     speed_up(model, config.kernels, config.compile, config.activation_checkpointing)
     return model.to(plan.device) if config.zero_stage != 3 else model
 
