@@ -111,10 +111,14 @@ def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fin
     accumulation = accumulation_steps(config.global_batch, config.micro_batch, world.world_size)
     device = resolve_device()
     if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {world.local_rank} has no GPU of its own ({torch.cuda.device_count()} "
+                              "visible on this node): start one process per GPU (deepspeed --num_gpus, torchrun "
+                              "--nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU")
         device = torch.device("cuda", world.local_rank)
     precision = resolve_precision(config.precision, device)
     attention = resolve_attention(config.attn_implementation, device, precision)
-    check_kernels(config.kernels, device)
+    check_kernels(config.kernels, device, config.zero_stage)
     check_output_dir(Path(config.output_dir))
     store = checkpoint_store(config, world.rank)
     resume_from, refused = store.resume_point()
