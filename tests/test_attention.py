@@ -12,7 +12,7 @@ from data.config import ConfigError
 from data.loader import collate
 from data.nll import IGNORE_INDEX
 from data.varlen import boundaries, flatten_documents, varlen_collate
-from tests.benchmarks.bench_gpu import packed_samples
+from tests.masking import block_diagonal_mask, packed_samples
 from tests.tiny_models import tiny_config
 from training import attention
 from training.attention import (
@@ -31,14 +31,6 @@ def packed_sample(seed: int) -> dict[str, torch.Tensor]:
     """One packed sequence as PackedSequences returns it: documents of random lengths, positions restarting
     at each, the label of each document's first token ignored."""
     return packed_samples(1, SEQ, VOCAB, seed)[0]
-
-
-def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """The reference: an additive (rows, 1, seq, seq) mask, causal inside each document and closed across them."""
-    rows, seq = position_ids.shape
-    document = (position_ids == 0).cumsum(1)
-    allowed = (document[:, :, None] == document[:, None, :]) & torch.ones(seq, seq, dtype=torch.bool).tril()
-    return torch.zeros(rows, 1, seq, seq).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
 
 
 def tiny_model(attn: str):

@@ -37,7 +37,7 @@ DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 # What the recipes are written for: the devices' memory as the lent machines report it (nvidia-smi), and the
 # share of it a recommended setting may use (the rest absorbs what the model leaves out).
 GPUS = {"H100 80 GB": 81559 * 2**20, "H200 141 GB": 143771 * 2**20}
-RECOMMENDED_FRACTION = 0.9
+RECOMMENDED_FRACTION = 0.85
 
 
 @dataclass(frozen=True)
