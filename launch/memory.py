@@ -13,6 +13,7 @@ checked against this script's output by tests/test_memory.py, so they cannot dri
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import sys
 from pathlib import Path
@@ -34,6 +35,7 @@ PAPER_BASES = {"huggyllama/llama-7b": LLAMA_7B, "lmsys/vicuna-7b-v1.3": LLAMA_7B
 WORLD, PRECISION, ATTENTION = 8, "bf16", "varlen"  # what the recipes are written for: one node of 8 GPUs
 
 
+@functools.cache
 def model_shape(model: str):
     """The ModelShape of a checkpoint directory, a paper base model, or a paper pruning recipe's output."""
     from transformers import AutoConfig, LlamaConfig

@@ -122,7 +122,8 @@ def block_activation_bytes(shape: ModelShape, attention: str, dtype_bytes: int, 
         transformers calls `repeat_kv`: sdpa and eager with a mask), its output (the o_proj input is a view of
         it for the flash-style and sdpa kernels) and the fp32 log-sum-exp per head;
         sdpa: the float document mask, e S; flex: the output's copy for o_proj;
-        eager: fp32 scores and the probabilities in e (4 + e) heads S, the output's copy for o_proj
+        eager: the fp32 softmax and the probabilities in e, (4 + e) heads S (4 heads S in fp32), the output's copy
+        for o_proj
       MLP: gate (SiLU's input), SiLU's output, up and their product (down_proj's input): 4 e i
     """
     e, h, q_width = dtype_bytes, shape.hidden, shape.heads * shape.head_dim
@@ -130,8 +131,9 @@ def block_activation_bytes(shape: ModelShape, attention: str, dtype_bytes: int, 
     norms = 2 * (4 * h + 4 + 2 * e * h)
     mlp = 4 * e * shape.intermediate
     qkv = e * (q_width + 2 * kv_width)
-    if attention == "eager":
-        return norms + qkv + (4 + e) * shape.heads * seq_len + e * q_width + mlp
+    if attention == "eager":  # fp32 softmax, then the probabilities cast to e (the same tensor in fp32)
+        probabilities = (FP32 + (e if e != FP32 else 0)) * shape.heads * seq_len
+        return norms + qkv + probabilities + e * q_width + mlp
     kernel = qkv + e * q_width + FP32 * shape.heads
     if saves_float_mask(attention):
         kernel += e * seq_len
