@@ -103,22 +103,10 @@ def test_without_boundaries_documents_would_attend_to_each_other():
 @torch.no_grad()
 def test_flex_attention_forward_masks_documents():
     """FlexAttention has no CPU backward in torch 2.13: the loss is compared here, gradients on the GPU
-    (tests/benchmarks/bench_gpu.py compares the first losses of every path)."""
+    (tests/test_gpu.py)."""
     for micro_batch in (1, 2, 4):
         samples = [packed_sample(seed) for seed in range(micro_batch)]
         assert loss_and_grads("flex_attention", collate(samples))[0] == pytest.approx(reference(samples)[0], abs=1e-5)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash_attention_2 needs a CUDA GPU and flash-attn")
-def test_flash_attention_2_masks_documents_from_the_flat_form():
-    pytest.importorskip("flash_attn", reason="flash-attn is not installed")
-    samples = [packed_sample(seed) for seed in range(2)]
-    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in varlen_collate(samples).items()}
-    register_varlen()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation="flash_attention_2",
-                                             dtype=torch.bfloat16).cuda()
-    assert model(**batch, use_cache=False).loss.item() == pytest.approx(reference(samples)[0], abs=3e-2)
 
 
 def test_flattening_hands_over_the_boundaries():
