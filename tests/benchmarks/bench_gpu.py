@@ -9,8 +9,9 @@ random weights, bf16, sequences of 2048 tokens packed from documents of random l
 DeepSpeed ZeRO-1 with fp32 gradient accumulation (the recipes' settings, `training/trainer.deepspeed_config`),
 torch's AdamW, gradient accumulation 2, one GPU. One GPU holds every byte of the optimizer state (18 bytes
 per parameter: the 26-block 5.5B model needs ~93 GiB before activations), so the number of blocks is the
-largest whose memory estimate (`training/memory.py`) stays within 85% of this GPU's memory: 16 on an 80 GB
-H100. Built to finish within 5 minutes on one H100 (paths left after --budget-s are listed as skipped).
+largest whose memory estimate (`training/memory.py`) stays within 85% of this GPU's memory: 14 on an 80 GB
+H100, all 26 on a 141 GB H200. Built to finish within 5 minutes on one H100 (paths left after --budget-s are
+listed as skipped).
 
 Paths: `varlen` (the loader's flattened batches and PyTorch's flash varlen kernel), `sdpa` (transformers'
 dense document mask), `varlen+liger` (Liger's fused kernels), `flex_attention`, `varlen+compile`
@@ -71,12 +72,13 @@ def llama_config(blocks: int, shape: dict, seq_len: int):
 
 
 def largest_blocks(device_bytes: int) -> tuple[int, float]:
-    """The most LLaMA-7B blocks (at most 26) whose estimate on one GPU stays within FILL of its memory."""
+    """The most LLaMA-7B blocks (at most 26) whose estimate on one GPU stays within FILL of its memory, for the
+    attention path that keeps the most (flex_attention)."""
     from training.memory import ModelShape, estimate_memory
 
     for blocks in range(MAX_BLOCKS, 0, -1):
         estimate = estimate_memory(ModelShape.from_config(llama_config(blocks, LLAMA_7B_BLOCK, GPU_SEQ)),
-                                   memory_setup("sdpa", "none", GPU_SEQ, MICRO, "bf16"))
+                                   memory_setup("flex_attention", "none", GPU_SEQ, MICRO, "bf16"))
         if estimate.total <= FILL * device_bytes:
             return blocks, estimate.total
     raise SystemExit(f"not even one LLaMA-7B block fits in {device_bytes / 2**30:.0f} GiB")
