@@ -1,5 +1,6 @@
 """Per-GPU memory of a training run, from the model's shape and the run's settings: one function that the
-preflight (`check_memory`), the recipes' headers, the README table and bench_gpu.py all use.
+preflight (`training/cpt.check_memory`), the recipes' headers (launch/memory.py), the README table and
+bench_gpu.py all use.
 
   ModelShape.from_config(config)           parameter counts (the model built on the meta device) and block sizes
   estimate_memory(shape, setup)            a MemoryEstimate: bytes per part, and the total
