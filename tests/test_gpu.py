@@ -37,6 +37,19 @@ PATHS = {"varlen": ("varlen", "none", False), "sdpa": ("sdpa", "none", False),
 PACKAGES = {"flash_attention_2": "flash_attn", "varlen+liger": "liger_kernel"}
 
 
+@pytest.fixture
+def unpatched_llama():
+    """Liger patches transformers' Llama module itself (RoPE, the RMSNorm and MLP classes), not only the model it
+    is applied to: put the module back, so the tests after a Liger test measure transformers' own code."""
+    from transformers.models.llama import modeling_llama
+
+    saved, forward = dict(vars(modeling_llama)), modeling_llama.LlamaForCausalLM.forward
+    yield
+    for name, value in saved.items():
+        setattr(modeling_llama, name, value)
+    modeling_llama.LlamaForCausalLM.forward = forward
+
+
 def require(path: str) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU visible")
@@ -46,7 +59,7 @@ def require(path: str) -> None:
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_every_path_trains_like_the_fp32_dense_mask_reference(path):
+def test_every_path_trains_like_the_fp32_dense_mask_reference(path, unpatched_llama):
     """Four optimizer steps in bf16 on packed sequences of several documents each: losses and last gradients
     ten times closer to the fp32 reference (eager, explicit block-diagonal mask) than the no-mask control is."""
     require(path)
@@ -77,7 +90,7 @@ def test_the_bytes_each_gpu_kernel_keeps_per_block_are_the_models(attention):
     assert measured == pytest.approx(expected, rel=0.01), f"{attention}: measured {measured}, the model {expected}"
 
 
-def test_distillation_runs_with_and_without_liger():
+def test_distillation_runs_with_and_without_liger(unpatched_llama):
     """Liger's fused loss returns no logits when given labels; the distillation loss never gives it labels."""
     require("varlen+liger")
     from transformers import AutoModelForCausalLM
