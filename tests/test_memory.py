@@ -102,7 +102,9 @@ def test_a_run_that_does_not_fit_is_refused_with_what_to_change():
 
 
 def test_the_preflight_refuses_on_a_gpu_that_is_too_small(cpt_inputs, tmp_path, monkeypatch):
-    """plan_cpt on a (pretended) CUDA GPU of 64 MiB: refused before anything starts; memory_check=false lets it by."""
+    """plan_cpt on a (pretended) CUDA GPU of 64 MiB: refused before anything starts; memory_check=false lets it by;
+    a second rank on a one-GPU node is refused; with DeepSpeed on the CPU accelerator the run stays on the CPU
+    (DeepSpeed's launcher makes GPUs visible to CPU ranks)."""
     from training.cpt import plan_cpt
     from training.distributed import WorldInfo
 
@@ -111,6 +113,7 @@ def test_the_preflight_refuses_on_a_gpu_that_is_too_small(cpt_inputs, tmp_path, 
                         "get_device_name": lambda device=None: "Tiny GPU",
                         "get_device_properties": lambda device=None: properties}.items():
         monkeypatch.setattr(torch.cuda, name, value)
+    monkeypatch.setenv("DS_ACCELERATOR", "cuda")
     overrides = [f"model={cpt_inputs['model']}", f"data.path={cpt_inputs['tokens']}", f"output_dir={tmp_path}",
                  "train_steps=1", "global_batch=2", "attn_implementation=sdpa", "validation.every_steps=0"]
     with pytest.raises(ConfigError, match=r"more than the 0\.1 GiB of Tiny GPU.*memory_check=false"):
@@ -118,6 +121,8 @@ def test_the_preflight_refuses_on_a_gpu_that_is_too_small(cpt_inputs, tmp_path, 
     assert plan_cpt(load_config(CPTConfig, None, [*overrides, "memory_check=false"]), WorldInfo(0, 0, 1))
     with pytest.raises(ConfigError, match="local rank 1 has no GPU of its own"):
         plan_cpt(load_config(CPTConfig, None, [*overrides, "memory_check=false", "global_batch=4"]), WorldInfo(1, 1, 2))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # DeepSpeed on the CPU: so is the model, GPU or not
+    assert plan_cpt(load_config(CPTConfig, None, overrides), WorldInfo(0, 0, 1)).device.type == "cpu"
 
 
 @pytest.mark.parametrize("recipe", notes.recipes(), ids=lambda path: path.name)
