@@ -18,7 +18,7 @@ from tests.tiny_models import tiny_config
 from training.config import CPTConfig
 from training.kernels import check_kernels, speed_up
 from training.throughput import device_peak_tflops, peak_flops
-from training.trainer import deepspeed_config, zero_settings
+from training.trainer import deepspeed_config, diverging, zero_settings
 
 COMMON = ["data.seq_len=64", "global_batch=4", "micro_batch=2", "train_steps=2", "validation.every_steps=2",
           "validation.sequences=4", "checkpoint.every_steps=0", "checkpoint.every_minutes=0",
@@ -142,6 +142,10 @@ def test_liger_is_refused_without_its_package_a_gpu_or_under_zero3(monkeypatch):
     ("NVIDIA A100 80GB PCIe", 312.0), ("Some Future GPU", None)])
 def test_peak_table_tells_the_h100_boards_apart(name, tflops):
     assert device_peak_tflops(name) == tflops
+
+
+def test_fp16_loss_scale_overflows_are_not_divergence():
+    assert not diverging("fp16", 2.5) and diverging("fp16", float("nan")) and diverging("bf16", 2.5)
 
 
 def test_fp16_shares_bf16s_peak_and_fp32_runs_at_half(monkeypatch):

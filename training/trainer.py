@@ -64,6 +64,13 @@ def metric_value(value: Metric) -> float:
     return value() if callable(value) else float(value)
 
 
+def diverging(precision: str, loss: float) -> bool:
+    """Whether a skipped optimizer step counts towards `optimizer.max_skipped_steps`. Under fp16 a finite loss
+    whose scaled gradients overflowed is DeepSpeed's dynamic loss scaling at work (it lowers the scale, and
+    stops the run itself at the minimum scale), not a sign of divergence."""
+    return precision != "fp16" or not math.isfinite(loss)
+
+
 def causal_lm_loss(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """The model's own next-token cross-entropy (labels shifted inside the model)."""
     return engine(**batch, use_cache=False).loss, {}
@@ -211,9 +218,7 @@ class Trainer:
             skipped = self.engine.skipped_steps > skipped_before  # DeepSpeed agrees on it across ranks
             self.check_update(loss_sum, skipped)
             self.skipped_steps += skipped
-            # fp16: a finite loss whose scaled gradients overflowed is DeepSpeed's loss scaling at work (it lowers
-            # the scale and stops the run itself at the minimum scale), not a sign of divergence
-            bad = skipped and (self.plan.precision != "fp16" or not math.isfinite(loss_sum))
+            bad = skipped and diverging(self.plan.precision, loss_sum)
             skipped_in_a_row = skipped_in_a_row + 1 if bad else 0
             metrics = self.step_metrics(loss_sum / self.world_size, lr, tokens / elapsed, elapsed, data_wait)
             for name, value in zip(local_extras, extras, strict=True):
