@@ -34,12 +34,12 @@ from tests.fixtures import (  # noqa: E402, F401  (fixtures are found by name)
 
 def pytest_collection_modifyitems(config, items):
     """A GPU session runs the GPU tests only; the CPU suite skips them, saying why."""
+    on_gpu = [item for item in items if item.get_closest_marker("gpu") is not None]
     if GPU_SESSION:
-        config.hook.pytest_deselected(items=[item for item in items if "gpu" not in item.keywords])
-        items[:] = [item for item in items if "gpu" in item.keywords]
+        config.hook.pytest_deselected(items=[item for item in items if item not in on_gpu])
+        items[:] = on_gpu
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU: `make gpu-check` runs the gpu-marked tests on one "
                                    "(the CPU suite hides GPUs)")
-    for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+    for item in on_gpu:
+        item.add_marker(skip)
