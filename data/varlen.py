@@ -39,6 +39,13 @@ def boundaries(position_ids: torch.Tensor) -> dict[str, torch.Tensor | int]:
     return dict(zip(VARLEN_KEYS, (cumulative, cumulative, longest, longest), strict=True))
 
 
+def row_boundaries(rows: int, seq: int, device: torch.device) -> dict[str, torch.Tensor | int]:
+    """The varlen keyword arguments of rows that are one document each (no restarting positions), without reading
+    anything back from the device."""
+    cumulative = torch.arange(0, (rows + 1) * seq, seq, dtype=torch.int32, device=device)
+    return dict(zip(VARLEN_KEYS, (cumulative, cumulative, seq, seq), strict=True))
+
+
 def flatten_documents(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | int]:
     """A (rows, seq) packed batch as one (1, rows x seq) row with its document boundaries."""
     if "attention_mask" in batch:

@@ -12,10 +12,16 @@ from data.config import ConfigError
 from data.loader import collate
 from data.nll import IGNORE_INDEX
 from data.varlen import boundaries, flatten_documents, varlen_collate
-from tests.benchmarks.bench_gpu import packed_samples
+from tests.masking import block_diagonal_mask, packed_samples
 from tests.tiny_models import tiny_config
 from training import attention
-from training.attention import register_varlen, resolve_attention, uses_flat_batches
+from training.attention import (
+    attach_boundaries,
+    register_varlen,
+    resolve_attention,
+    uses_flat_batches,
+    varlen_keywords,
+)
 
 SEQ, VOCAB = 48, 128
 CPU = torch.device("cpu")
@@ -27,18 +33,18 @@ def packed_sample(seed: int) -> dict[str, torch.Tensor]:
     return packed_samples(1, SEQ, VOCAB, seed)[0]
 
 
-def block_diagonal_mask(position_ids: torch.Tensor) -> torch.Tensor:
-    """The reference: an additive (rows, 1, seq, seq) mask, causal inside each document and closed across them."""
-    rows, seq = position_ids.shape
-    document = (position_ids == 0).cumsum(1)
-    allowed = (document[:, :, None] == document[:, None, :]) & torch.ones(seq, seq, dtype=torch.bool).tril()
-    return torch.zeros(rows, 1, seq, seq).masked_fill(~allowed[:, None], torch.finfo(torch.float32).min)
-
-
-def loss_and_grads(attn: str, batch: dict) -> tuple[float, list[torch.Tensor]]:
+def tiny_model(attn: str):
+    """The tiny Llama as load_model prepares it: a varlen model derives missing boundaries once per forward."""
     register_varlen()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation=attn)
+    if attn == "varlen":
+        attach_boundaries(model)
+    return model
+
+
+def loss_and_grads(attn: str, batch: dict) -> tuple[float, list[torch.Tensor]]:
+    model = tiny_model(attn)
     loss = model(**batch, use_cache=False).loss
     if not torch.is_grad_enabled():
         return loss.item(), []
@@ -57,15 +63,16 @@ def reference(samples: list[dict]) -> tuple[float, list[torch.Tensor]]:
 
 PATHS = {  # what each path is fed: rows with restarting positions, or the loader's flattened form
     "sdpa": collate, "eager": collate, "varlen": varlen_collate,
-    "varlen, boundaries derived in the kernel": collate,
+    "varlen, boundaries derived once per forward": collate,
 }
 
 
 @pytest.mark.parametrize("micro_batch", [1, 2, 4])
 @pytest.mark.parametrize("path", list(PATHS))
 def test_every_path_masks_documents_like_the_dense_reference(path, micro_batch, monkeypatch):
-    if path == "varlen":  # the loader's boundaries must reach the kernel, not be derived again there
-        monkeypatch.setattr(attention, "_derived_boundaries", None)
+    if path == "varlen":  # the loader's boundaries must reach the kernel, not be derived again on the way
+        monkeypatch.setattr(attention, "boundaries", None)
+        monkeypatch.setattr(attention, "row_boundaries", None)
     samples = [packed_sample(seed) for seed in range(micro_batch)]
     expected_loss, expected_grads = reference(samples)
     loss, grads = loss_and_grads(path.split(",")[0], PATHS[path](samples))
@@ -77,9 +84,7 @@ def test_every_path_masks_documents_like_the_dense_reference(path, micro_batch, 
 def test_the_reference_is_each_document_run_alone():
     sample = packed_sample(3)
     starts = (sample["position_ids"] == 0).nonzero().flatten().tolist() + [SEQ]
-    register_varlen()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation="eager")
+    model = tiny_model("eager")
     packed = model(**reference_batch([sample]), use_cache=False).logits[0]
     for a, b in zip(starts[:-1], starts[1:], strict=True):
         alone = model(input_ids=sample["input_ids"][None, a:b], use_cache=False).logits[0]
@@ -98,22 +103,10 @@ def test_without_boundaries_documents_would_attend_to_each_other():
 @torch.no_grad()
 def test_flex_attention_forward_masks_documents():
     """FlexAttention has no CPU backward in torch 2.13: the loss is compared here, gradients on the GPU
-    (tests/benchmarks/bench_gpu.py compares the first losses of every path)."""
+    (tests/test_gpu.py)."""
     for micro_batch in (1, 2, 4):
         samples = [packed_sample(seed) for seed in range(micro_batch)]
         assert loss_and_grads("flex_attention", collate(samples))[0] == pytest.approx(reference(samples)[0], abs=1e-5)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash_attention_2 needs a CUDA GPU and flash-attn")
-def test_flash_attention_2_masks_documents_from_the_flat_form():
-    pytest.importorskip("flash_attn", reason="flash-attn is not installed")
-    samples = [packed_sample(seed) for seed in range(2)]
-    batch = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in varlen_collate(samples).items()}
-    register_varlen()
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation="flash_attention_2",
-                                             dtype=torch.bfloat16).cuda()
-    assert model(**batch, use_cache=False).loss.item() == pytest.approx(reference(samples)[0], abs=3e-2)
 
 
 def test_flattening_hands_over_the_boundaries():
@@ -131,13 +124,11 @@ def test_flattening_hands_over_the_boundaries():
 
 def test_varlen_takes_right_padded_rows_and_refuses_left_padding():
     """LoRA's batches and zero-shot requests: right-padded rows without boundaries, as sdpa with the padding mask."""
-    register_varlen()
     ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
     right = torch.tensor([[1] * 8, [1] * 5 + [0] * 3])
     logits = {}
     for attn in ("sdpa", "varlen"):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation=attn)
+        model = tiny_model(attn)
         with torch.no_grad():
             logits[attn] = model(input_ids=ids, attention_mask=right, use_cache=False).logits
     real = right.bool()
@@ -157,3 +148,60 @@ def test_paths_that_cannot_mask_are_refused():
         resolve_attention("flash_attention_2", CPU, "fp32")
     with pytest.raises(ConfigError, match="no FlexAttention backward"):
         resolve_attention("flex_attention", CPU, "fp32")
+
+
+@pytest.mark.parametrize("with_positions", [False, True])
+def test_boundaries_are_derived_once_per_forward_not_per_layer(with_positions, monkeypatch):
+    """LoRA's and lm-eval's forwards carry no boundaries: one computation serves every layer, and rows without
+    position_ids need nothing read back from the device (the padding check is the forward's one sync)."""
+    calls = []
+    for name in ("boundaries", "row_boundaries"):
+        real = getattr(attention, name)
+        monkeypatch.setattr(attention, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    model = tiny_model("varlen")
+    batch = collate([packed_sample(seed) for seed in range(2)])
+    if not with_positions:
+        batch = {"input_ids": batch["input_ids"], "attention_mask": torch.ones_like(batch["input_ids"])}
+    with torch.no_grad():
+        model(**batch, use_cache=False)
+        model(**batch, use_cache=False)
+    assert len(model.model.layers) == 8
+    assert calls == ["boundaries" if with_positions else "row_boundaries"] * 2
+
+
+def test_varlen_refuses_a_forward_without_boundaries():
+    register_varlen()
+    model = AutoModelForCausalLM.from_config(tiny_config("llama", VOCAB), attn_implementation="varlen")
+    with pytest.raises(ValueError, match="no document boundaries.*attach_boundaries"), torch.no_grad():
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=False)
+
+
+# The public varlen_attn signatures of the torch releases the GPU path meets (torch/nn/attention/varlen.py).
+def varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None): ...
+def varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1)): ...
+def varlen_2_13(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None): ...
+def varlen_unknown(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k): ...
+
+
+@pytest.mark.parametrize(("kernel", "gqa", "expected"), [
+    (varlen_2_13, True, {"window_size": (-1, 0), "scale": 0.125, "enable_gqa": True}),
+    (varlen_2_13, False, {"window_size": (-1, 0), "scale": 0.125}),
+    (varlen_2_11, True, {"window_size": (-1, 0), "scale": 0.125}),  # no keyword: the kernel takes GQA heads as they are
+    (varlen_2_10, True, {"is_causal": True})])
+def test_varlen_keywords_follow_the_kernels_signature(kernel, gqa, expected):
+    assert varlen_keywords(kernel, 0.125, 64, gqa) == expected
+
+
+def test_a_varlen_kernel_we_cannot_call_causally_is_refused(monkeypatch):
+    with pytest.raises(TypeError, match="takes no scale"):
+        varlen_keywords(varlen_2_10, 0.5, 64, False)  # a model scaling other than 1/sqrt(head_dim)
+    import torch.nn.attention.varlen as varlen_module
+
+    monkeypatch.setattr(varlen_module, "varlen_attn", varlen_unknown)
+    with pytest.raises(ConfigError, match="neither window_size nor is_causal"):
+        attention.check_varlen_kernel()
+    monkeypatch.delattr(varlen_module, "varlen_attn")
+    with pytest.raises(ConfigError, match="torch 2.10 or later"):
+        attention.check_varlen_kernel()

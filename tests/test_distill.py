@@ -26,7 +26,8 @@ from tests.test_cpt import (
 )
 from training.checkpoint import CheckpointStore
 from training.config import CPTConfig
-from training.distill import chunked_kl, kd_positions
+from training.distill import DistillLoss, chunked_kl, kd_positions
+from training.trainer import metric_value
 
 
 def direct_kl(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -61,6 +62,81 @@ def test_kd_positions_follow_the_labels_of_packed_documents():
     labels = torch.tensor([[5, 6, IGNORE_INDEX, 8], [IGNORE_INDEX, 1, 2, IGNORE_INDEX]])
     # logit i predicts label i+1: a document's first token (label -100) is never a KD target
     assert kd_positions(labels).tolist() == [1, 0, 1, 1, 1, 0]
+
+
+class LigerStyle(torch.nn.Module):
+    """A student whose forward behaves as Liger's fused-loss forward: given labels in training, it returns the
+    loss and no logits (liger_kernel/transformers/model/llama.py, `skip_logits`)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.seen_labels = model, []
+
+    def forward(self, labels=None, **inputs):
+        self.seen_labels.append(labels is not None)
+        output = self.model(labels=labels, **inputs)
+        if labels is not None and self.training:
+            output.logits = None
+        return output
+
+    @property
+    def loss_function(self):
+        return self.model.loss_function
+
+    @property
+    def config(self):
+        return self.model.config
+
+
+VOCAB = 100  # not the tiny models' hidden size (64): logits are told apart by their last dimension
+
+
+def tiny_pair(dtype=torch.float32):
+    from tests.tiny_models import make_tiny_model
+
+    return make_tiny_model("llama", VOCAB, seed=1).to(dtype).train(), make_tiny_model("llama", VOCAB, seed=2).to(dtype)
+
+
+def distill_batch():
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, 10] = IGNORE_INDEX
+    return {"input_ids": ids, "labels": labels, "position_ids": torch.cat([torch.arange(10), torch.arange(14)]).repeat(2, 1)}
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_distill_loss_works_with_a_fused_loss_student(alpha):
+    student, teacher = tiny_pair()
+    engine, batch = LigerStyle(student), distill_batch()
+    loss, metrics = DistillLoss(teacher, alpha, temperature=2.0, chunk=16)(engine, batch)
+    assert engine.seen_labels == [False], "the student runs without labels: its logits always come back"
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        s, t = (model(**inputs, use_cache=False).logits for model in (student, teacher))
+        kd = direct_kl(s[:, :-1].reshape(-1, VOCAB), t[:, :-1].reshape(-1, VOCAB), kd_positions(batch["labels"]), 2.0)
+        ce = F.cross_entropy(s[:, :-1].reshape(-1, VOCAB), batch["labels"][:, 1:].reshape(-1), ignore_index=IGNORE_INDEX)
+    assert float(loss) == pytest.approx(float(alpha * ce + (1 - alpha) * 4 * kd), rel=1e-4)
+    assert isinstance(metrics["train.kd"], torch.Tensor)  # read by the trainer after the step, not here
+    assert metric_value(metrics["perf.teacher_s"]) > 0
+    assert ("train.ce" in metrics) is (alpha > 0)
+    loss.backward()
+    assert all(p.grad is not None for p in student.parameters())
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_alpha_zero_keeps_no_fp32_copy_of_the_logits(alpha):
+    """bf16 training: the cross-entropy's fp32 log-softmax ([tokens, vocab]) is built only when alpha > 0."""
+    student, teacher = tiny_pair(torch.bfloat16)
+    kept = []
+
+    def pack(t):
+        if t.dtype == torch.float32 and t.dim() and t.shape[-1] == VOCAB and t.numel() >= 2 * 23 * VOCAB:
+            kept.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        DistillLoss(teacher, alpha, temperature=1.0, chunk=16)(student, distill_batch())
+    assert bool(kept) is (alpha > 0), kept
 
 
 def test_a_teacher_with_another_tokenizer_is_refused(cpt_inputs, tmp_path, tokenizer):

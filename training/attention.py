@@ -6,8 +6,11 @@
   varlen             PyTorch's own flash-attention varlen kernel (`torch.nn.attention.varlen`, part of
                      the CUDA torch wheel: no compiled extension to install). The loader flattens each
                      micro-batch and passes `cu_seq_lens_q/k` and `max_length_q/k` (`data/varlen.py`);
-                     no mask is built. On the CPU the same boundaries run through sdpa one document at a
-                     time, so tests and the demo exercise the same batches.
+                     no mask is built. Forwards without them (LoRA's padded rows, lm-eval) get them from
+                     `attach_boundaries`, once per forward. The kernel's keywords are read from its
+                     signature (torch 2.10 to 2.13 differ: `varlen_keywords`). On the CPU the same
+                     boundaries run through `PerDocumentAttention`, which keeps what the CUDA kernel keeps,
+                     so tests, the demo and the memory measurements exercise the same batches.
   flash_attention_2/3  the flash-attn package's varlen kernel, fed the same flattened batches
   flex_attention     FlexAttention with a block-sparse document mask, which transformers builds from the
                      restarting `position_ids` at any micro-batch (torchtitan's route); GPU only for
@@ -23,12 +26,13 @@ only at micro-batch 1) would let documents attend to each other at micro-batch 2
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import math
 
 import torch
-import torch.nn.functional as F
 
 from data.config import ConfigError
-from data.varlen import boundaries
+from data.varlen import boundaries, row_boundaries
 
 ROWS, FLAT = "rows", "flat"
 LAYOUTS = {"sdpa": ROWS, "eager": ROWS, "flex_attention": ROWS,
@@ -53,9 +57,7 @@ def resolve_attention(name: str, device: torch.device, precision: str) -> str:
             raise ConfigError(f"attn_implementation={name} needs a CUDA GPU and the {package} package; "
                               "attn_implementation=varlen runs PyTorch's own flash varlen kernel without it")
     if name == "varlen" and on_gpu:
-        if importlib.util.find_spec("torch.nn.attention.varlen") is None:
-            raise ConfigError(f"attn_implementation=varlen needs torch.nn.attention.varlen (this torch is "
-                              f"{torch.__version__}; the project pins 2.13): upgrade torch or use flex_attention")
+        check_varlen_kernel()
         if precision not in ("bf16", "fp16"):
             raise ConfigError(f"attn_implementation=varlen runs flash kernels in bf16 or fp16, not {precision}: "
                               "set precision=bf16, or attn_implementation=sdpa")
@@ -73,56 +75,123 @@ def uses_flat_batches(name: str) -> bool:
     return LAYOUTS[name] == FLAT
 
 
-def _derived_boundaries(position_ids: torch.Tensor | None, padding: torch.Tensor | None, rows: int, seq: int,
-                        device: torch.device) -> dict[str, torch.Tensor | int]:
-    """Boundaries of a forward that did not pass them (evaluation, LoRA's right-padded rows): every row, and
-    every restart of its positions, starts a document. Right padding is invisible to causal attention."""
-    if padding is not None and bool((padding[:, 1:] > padding[:, :-1]).any()):
-        raise ValueError("varlen attention takes right-padded rows only (padding before tokens found): "
-                         "pad on the right, or use attn_implementation=sdpa")
-    if position_ids is None:
-        position_ids = torch.arange(seq, device=device)
-    return boundaries(position_ids.expand(rows, seq))
+def varlen_keywords(kernel, scale: float | None, head_dim: int, gqa: bool) -> dict:
+    """The keyword arguments this torch's `varlen_attn` takes for causal attention at `scale`: its signature is read,
+    not its version. torch 2.10 has `is_causal` and no `scale`; 2.11 has `window_size` and `scale`; 2.13 adds
+    `enable_gqa`, passed only when the model has fewer key/value heads than query heads (without the keyword the
+    flash kernel takes such heads as they are, as it does for flash-attn)."""
+    params = inspect.signature(kernel).parameters
+    if "window_size" in params:
+        keywords = {"window_size": (-1, 0)}
+    elif "is_causal" in params:
+        keywords = {"is_causal": True}
+    else:
+        raise TypeError(f"this torch's varlen_attn{inspect.signature(kernel)} takes neither window_size nor "
+                        "is_causal: use attn_implementation=sdpa")
+    if "scale" in params:
+        keywords["scale"] = scale
+    elif scale is not None and not math.isclose(scale, head_dim ** -0.5):
+        raise TypeError(f"this torch's varlen_attn takes no scale, and the model scales attention by {scale}, not "
+                        "1/sqrt(head_dim): use attn_implementation=sdpa")
+    if gqa and "enable_gqa" in params:
+        keywords["enable_gqa"] = True
+    return keywords
 
 
-def _per_document(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cumulative: torch.Tensor,
-                  scale: float | None, gqa: bool) -> torch.Tensor:
-    """The CPU kernel: causal sdpa on each document alone, (tokens, heads, dim) in and out."""
-    edges = cumulative.tolist()
-    pieces = [F.scaled_dot_product_attention(query[a:b].transpose(0, 1), key[a:b].transpose(0, 1),
-                                             value[a:b].transpose(0, 1), is_causal=True, scale=scale,
-                                             enable_gqa=gqa).transpose(0, 1)
-              for a, b in zip(edges[:-1], edges[1:], strict=True)]
-    return torch.cat(pieces)
+def check_varlen_kernel() -> None:
+    """Refuse, before anything starts, a torch whose varlen kernel we cannot call causally."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError as err:
+        raise ConfigError(f"attn_implementation=varlen needs torch.nn.attention.varlen.varlen_attn (torch 2.10 or "
+                          f"later; this torch is {torch.__version__}): upgrade torch or use flex_attention") from err
+    try:
+        varlen_keywords(varlen_attn, None, 128, gqa=False)
+    except TypeError as err:
+        raise ConfigError(str(err)) from err
+
+
+class PerDocumentAttention(torch.autograd.Function):
+    """The CPU kernel: causal attention on each document alone, (tokens, heads, dim) in and out. It keeps for the
+    backward pass what the CUDA varlen kernel keeps (query, key, value, output and the fp32 log-sum-exp), so the
+    activation memory measured on the CPU is the GPU's (`training/memory.py`). Grouped key/value heads are taken
+    as they are, like the flash kernel."""
+
+    @staticmethod
+    def forward(ctx, query, key, value, cumulative, scale):
+        edges = cumulative.tolist()
+        out = torch.empty_like(query)
+        lse = torch.empty(query.shape[1], query.shape[0], dtype=torch.float32)
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            piece, piece_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                *(x[a:b].transpose(0, 1)[None] for x in (query, key, value)), 0.0, True, scale=scale)
+            out[a:b], lse[:, a:b] = piece[0].transpose(0, 1), piece_lse[0]
+        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.edges, ctx.scale = edges, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        query, key, value, out, lse = ctx.saved_tensors
+        grads = [torch.empty_like(x) for x in (query, key, value)]
+        for a, b in zip(ctx.edges[:-1], ctx.edges[1:], strict=True):
+            pieces = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                *(x[a:b].transpose(0, 1)[None] for x in (grad_out, query, key, value, out)), lse[None, :, a:b],
+                0.0, True, scale=ctx.scale)
+            for grad, piece in zip(grads, pieces, strict=True):
+                grad[a:b] = piece[0].transpose(0, 1)
+        return *grads, None, None
 
 
 def varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                      cu_seq_lens_q: torch.Tensor | None = None, cu_seq_lens_k: torch.Tensor | None = None,
                      max_length_q: int | None = None, max_length_k: int | None = None,
-                     position_ids: torch.Tensor | None = None, sliding_window: int | None = None,
-                     softcap: float | None = None, **kwargs) -> tuple[torch.Tensor, None]:
+                     sliding_window: int | None = None, softcap: float | None = None,
+                     **kwargs) -> tuple[torch.Tensor, None]:
     """transformers' attention interface: (rows, heads, seq, dim) in, (rows, seq, heads, dim) out, causal within
-    each document of the given (or derived) boundaries."""
-    rows, heads, seq, _ = query.shape
+    each document of the boundaries the loader passed or `attach_boundaries` derived once for this forward."""
+    rows, heads, seq, head_dim = query.shape
     if cu_seq_lens_q is None:
-        found = _derived_boundaries(position_ids, attention_mask, rows, seq, query.device)
-        cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k = (
-            found["cu_seq_lens_q"], found["cu_seq_lens_k"], found["max_length_q"], found["max_length_k"])
+        raise ValueError("varlen attention got no document boundaries: the model must go through "
+                         "training.attention.attach_boundaries (load_model does it); KV-cached generation is not a "
+                         "varlen use: generate with attn_implementation=sdpa")
     if dropout or softcap or (sliding_window is not None and max_length_k > sliding_window):
         raise ValueError("varlen attention implements plain causal attention: this model uses attention dropout, "
                          "logit soft-capping or a sliding window shorter than its documents; use attn_implementation="
                          "sdpa or flash_attention_2")
     q, k, v = (x.transpose(1, 2).reshape(rows * seq, x.shape[1], x.shape[3]) for x in (query, key, value))
-    gqa = k.shape[1] != heads
     if q.is_cuda:
         from torch.nn.attention.varlen import varlen_attn
 
-        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k, scale=scaling,
-                          window_size=(-1, 0), enable_gqa=gqa)
+        out = varlen_attn(q, k, v, cu_seq_lens_q, cu_seq_lens_k, max_length_q, max_length_k,
+                          **varlen_keywords(varlen_attn, scaling, head_dim, k.shape[1] != heads))
     else:
-        out = _per_document(q, k, v, cu_seq_lens_q, scaling, gqa)
+        out = PerDocumentAttention.apply(q, k, v, cu_seq_lens_q, scaling)
     return out.reshape(rows, seq, heads, out.shape[-1]), None
+
+
+def forward_boundaries(module: torch.nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """A forward pre-hook on the decoder: the document boundaries of a forward that was not handed them
+    (evaluation, LoRA's right-padded rows), computed once here instead of in every layer. Every row, and every
+    restart of its positions, starts a document; right padding is invisible to causal attention. Rows without
+    position_ids cost no device sync; the padding check costs one."""
+    if kwargs.get("cu_seq_lens_q") is not None or kwargs.get("cache", kwargs.get("past_key_values")) is not None:
+        return args, kwargs  # the loader's boundaries, or a cached generation step (refused by the kernel)
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    rows, seq = (ids if ids is not None else kwargs["inputs_embeds"]).shape[:2]
+    padding, position_ids = kwargs.get("attention_mask"), kwargs.get("position_ids")
+    if padding is not None and padding.dim() == 2 and bool((padding[:, 1:] > padding[:, :-1]).any()):
+        raise ValueError("varlen attention takes right-padded rows only (padding before tokens found): "
+                         "pad on the right, or use attn_implementation=sdpa")
+    device = (ids if ids is not None else kwargs["inputs_embeds"]).device
+    found = row_boundaries(rows, seq, device) if position_ids is None else boundaries(position_ids.expand(rows, seq))
+    return args, {**kwargs, **found}
+
+
+def attach_boundaries(model: torch.nn.Module) -> None:
+    """Hand every forward of `model` (a varlen model) its document boundaries, once per forward."""
+    model.get_decoder().register_forward_pre_hook(forward_boundaries, with_kwargs=True)
 
 
 def register_varlen() -> None:

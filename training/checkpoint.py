@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from data.artifacts import fsync_path, write_json_atomic, write_text_atomic
-from training.distributed import all_gather_object, barrier
+from training.distributed import all_gather_object, barrier, on_gpu
 from training.run_dir import tag_for
 
 TAG_PATTERN = re.compile(r"^step_(\d{8})$")
@@ -75,7 +75,7 @@ def capture_rng() -> dict:
     state = {"python": [version, list(internal), gauss],
              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
              "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if on_gpu():  # not in CPU ranks on a GPU machine: no CUDA context for them
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -86,7 +86,7 @@ def restore_rng(state: dict) -> None:
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and on_gpu():
         torch.cuda.set_rng_state(state["cuda"])
 
 

@@ -360,6 +360,7 @@ class TrainingConfig:
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     resume: bool = True
     seed: int = 1234
+    memory_check: bool = True
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     __field_docs__ = {
@@ -380,6 +381,8 @@ class TrainingConfig:
                    "the liger-kernel package)",
         "compile": "torch.compile each decoder block",
         "resume": "resume from the latest committed checkpoint in output_dir; false refuses to reuse it",
+        "memory_check": "CPT on a GPU: refuse a run whose per-GPU memory estimate (training/memory.py) exceeds the "
+                        "device's memory; false launches it anyway",
         "deepspeed": "extra DeepSpeed config merged over ours (e.g. {zero_optimization: {round_robin_gradients: true}})",
     }
 

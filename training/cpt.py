@@ -63,7 +63,23 @@ def plan_cpt(config: CPTConfig, world: WorldInfo) -> CPTPlan:
         fingerprints["teacher"] = model_fingerprint(teacher_path)
         invariants.update({"distill.alpha": config.distill.alpha, "distill.temperature": config.distill.temperature})
     plan = plan_training(config, world, model_path, fingerprints, config.total_steps(), config.data.seq_len, invariants)
+    if plan.device.type == "cuda" and config.memory_check:
+        check_memory(config, plan, teacher_path if config.distill.teacher else None)
     return CPTPlan(**{f.name: getattr(plan, f.name) for f in fields(plan)}, zeroshot_tasks=zeroshot_tasks)
+
+
+def check_memory(config: CPTConfig, plan: RunPlan, teacher_path: str | None) -> None:
+    """Refuse a run whose per-GPU memory estimate exceeds this GPU's memory, naming what to change."""
+    import torch
+
+    from training.memory import ModelShape, refusal, setup_for
+
+    teacher = ModelShape.from_config(AutoConfig.from_pretrained(teacher_path)) if teacher_path else None
+    setup = setup_for(config, plan.world.world_size, plan.precision, plan.attention, teacher)
+    problem = refusal(ModelShape.from_config(AutoConfig.from_pretrained(plan.model_path)), setup,
+                      torch.cuda.get_device_name(plan.device), torch.cuda.get_device_properties(plan.device).total_memory)
+    if problem is not None:
+        raise ConfigError(problem)
 
 
 def check_teacher(teacher: str, student_tokenizer) -> str:

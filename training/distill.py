@@ -17,6 +17,7 @@ chunks: the fp32 copies of both logit tensors ([tokens, vocab] each) are never m
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +25,7 @@ import torch
 from data.nll import IGNORE_INDEX
 from training.config import TrainingConfig
 from training.preflight import RunPlan
-from training.trainer import deepspeed_config, load_model
+from training.trainer import Metric, deepspeed_config, load_model
 
 DEFAULT_CHUNK = 8192
 
@@ -85,30 +86,54 @@ def kd_positions(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).reshape(-1).float()
 
 
+def teacher_clock(device: torch.device) -> Callable[[], Metric]:
+    """Start timing the teacher's work; the returned function stops and gives its seconds. On a GPU these are
+    CUDA events, read once the step is done: timing costs no wait for the device."""
+    if device.type != "cuda":
+        started = time.perf_counter()
+        return lambda: time.perf_counter() - started
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+
+    def stop() -> Metric:
+        end.record()
+        return lambda: start.elapsed_time(end) / 1000
+
+    return stop
+
+
 @dataclass
 class DistillLoss:
-    """The CPT loss with a teacher: `loss(engine, batch) -> (loss, metrics)` for the Trainer."""
+    """The CPT loss with a teacher: `loss(engine, batch) -> (loss, metrics)` for the Trainer.
+
+    Both models run without labels: the student's logits come back whatever computes its loss (Liger's fused
+    loss returns none when given labels), and with alpha = 0 no cross-entropy (an fp32 copy of the logits) is
+    built at all. With alpha > 0 the cross-entropy is the model's own `loss_function` on those logits, the
+    computation plain CPT runs inside the model."""
 
     teacher: torch.nn.Module
     alpha: float
     temperature: float
     chunk: int = DEFAULT_CHUNK
 
-    def __call__(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        started = time.perf_counter()
+    def __call__(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Metric]]:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        stop = teacher_clock(batch["input_ids"].device)
         with torch.no_grad():
-            teacher_logits = self.teacher(**{k: v for k, v in batch.items() if k != "labels"},
-                                          use_cache=False).logits
-        if teacher_logits.is_cuda:  # kernels run asynchronously: time the teacher's work, not its launch
-            torch.cuda.synchronize(teacher_logits.device)
-        teacher_seconds = time.perf_counter() - started
-        output = engine(**batch, use_cache=False)
-        vocab = output.logits.shape[-1]
-        kd = chunked_kl(output.logits[:, :-1].reshape(-1, vocab), teacher_logits[:, :-1].reshape(-1, vocab),
+            teacher_logits = self.teacher(**inputs, use_cache=False).logits
+        teacher_seconds = stop()
+        logits = engine(**inputs, use_cache=False).logits
+        vocab = logits.shape[-1]
+        kd = chunked_kl(logits[:, :-1].reshape(-1, vocab), teacher_logits[:, :-1].reshape(-1, vocab),
                         kd_positions(batch["labels"]), self.temperature, self.chunk)
-        loss = self.alpha * output.loss + (1 - self.alpha) * self.temperature ** 2 * kd
-        return loss, {"train.ce": float(output.loss.detach()), "train.kd": float(kd.detach()),
-                      "perf.teacher_s": teacher_seconds}
+        loss = (1 - self.alpha) * self.temperature ** 2 * kd
+        metrics: dict[str, Metric] = {"train.kd": kd.detach(), "perf.teacher_s": teacher_seconds}
+        if self.alpha > 0:
+            model = getattr(engine, "module", engine)
+            ce = model.loss_function(logits=logits, labels=batch["labels"], vocab_size=model.config.vocab_size)
+            loss = self.alpha * ce + loss
+            metrics["train.ce"] = ce.detach()
+        return loss, metrics
 
 
 def load_teacher(config: TrainingConfig, plan: RunPlan, path: str) -> torch.nn.Module:

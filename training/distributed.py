@@ -79,6 +79,14 @@ class RendezvousError(ValueError):
     """The ranks could not meet within the timeout (a user-facing setup error: exit code 2, one line)."""
 
 
+def on_gpu() -> bool:
+    """Whether this rank trains on its GPU. DS_ACCELERATOR=cpu puts DeepSpeed on the CPU (the tests, `make demo`)
+    and the model and process group follow it where a GPU is visible too: DeepSpeed's launcher sets
+    CUDA_VISIBLE_DEVICES=0,1,... for CPU ranks as well, which would send rank 1 to a `cuda:1` a one-GPU machine
+    lacks."""
+    return os.environ.get("DS_ACCELERATOR") != "cpu" and torch.cuda.is_available()
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """The process group, with `timeout_minutes` for any collective (torch's default for NCCL is 10),
     meeting included: a master that cannot be reached, or ranks that never arrive, end in a
@@ -89,7 +97,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
 
     try:
         deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(minutes=timeout_minutes))
-        if torch.cuda.is_available():
+        if on_gpu():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         unlink_shared_memory_buffer()  # also the first collective: every rank's transport is connected
     except dist.DistError as err:

@@ -1,7 +1,8 @@
 """The model's own computation, made cheaper: Liger's fused kernels, torch.compile of each block, and
 activation checkpointing of all or some blocks.
 
-  check_kernels(kernels, device)   before any process group: liger needs a CUDA GPU and its package
+  check_kernels(kernels, device, zero_stage)   before any process group: liger needs a CUDA GPU, its package
+                                               and ZeRO-1/2
   speed_up(model, kernels, compile, checkpointing)   on the loaded model, before DeepSpeed wraps it
 
 `kernels=liger` swaps in Liger's Triton kernels (RMSNorm, RoPE, SwiGLU, and a fused linear
@@ -24,13 +25,20 @@ from data.config import ConfigError
 from pruning.layers import find_decoder_layers
 
 
-def check_kernels(kernels: str, device: torch.device) -> None:
+def check_kernels(kernels: str, device: torch.device, zero_stage: int) -> None:
+    """Refuse, before launch, Liger where it cannot run: no package, no GPU, or ZeRO-3, whose partitioned
+    lm_head.weight Liger's fused loss reads directly, outside lm_head's forward where DeepSpeed would gather it
+    (linkedin/Liger-Kernel#1048)."""
     if kernels == "liger":
         if importlib.util.find_spec("liger_kernel") is None:
             raise ConfigError("kernels=liger needs the liger-kernel package (pip install liger-kernel, on a GPU "
                               "machine: it brings Triton); or set kernels=none")
         if device.type != "cuda":
             raise ConfigError("kernels=liger runs Triton kernels, which need a CUDA GPU: set kernels=none on the CPU")
+        if zero_stage == 3:
+            raise ConfigError("kernels=liger cannot run under zero_stage=3: its fused loss reads lm_head.weight, which "
+                              "ZeRO-3 partitions, outside lm_head's forward where DeepSpeed gathers it: use zero_stage=2 "
+                              "(or 1), or kernels=none")
 
 
 def apply_liger(model: PreTrainedModel) -> None:

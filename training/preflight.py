@@ -28,7 +28,7 @@ from data.shards import DataMismatchError
 from training.attention import resolve_attention
 from training.checkpoint import CheckpointStore, Committed, ensure_universal
 from training.config import TrainingConfig
-from training.distributed import WorldInfo
+from training.distributed import WorldInfo, on_gpu
 from training.kernels import check_kernels
 from training.profiling import check_profile
 from training.run_dir import RunDir
@@ -111,12 +111,16 @@ def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fin
                   total_steps: int, seq_len: int, invariants: dict) -> RunPlan:
     """The checks and derived values every training stage shares: batch layout, device, resumption."""
     accumulation = accumulation_steps(config.global_batch, config.micro_batch, world.world_size)
-    device = resolve_device()
+    device = resolve_device() if on_gpu() else torch.device("cpu")
     if device.type == "cuda":
+        if world.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"local rank {world.local_rank} has no GPU of its own ({torch.cuda.device_count()} "
+                              "visible on this node): start one process per GPU (deepspeed --num_gpus, torchrun "
+                              "--nproc_per_node), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPU")
         device = torch.device("cuda", world.local_rank)
     precision = resolve_precision(config.precision, device)
     attention = resolve_attention(config.attn_implementation, device, precision)
-    check_kernels(config.kernels, device)
+    check_kernels(config.kernels, device, config.zero_stage)
     check_trackers(config.logging)
     check_profile(config.profile, device, total_steps, world.world_size)
     check_output_dir(Path(config.output_dir))

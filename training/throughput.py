@@ -4,7 +4,8 @@ Training FLOPs per token = 6 N + 12 L d s, where N is the number of parameters t
 matrix multiply (every nn.Linear, the LM head included, embeddings' lookups not), L the number of
 blocks, d the hidden size and s the sequence length (attention scores and weighted sums, forward
 and backward). Activation recomputation is not counted: MFU measures useful work. MFU = achieved
-model FLOP/s per device / the device's dense peak in the training precision.
+model FLOP/s per device / the device's dense peak in the training precision (bf16 and fp16 share one peak;
+fp32 runs on tf32 tensor cores at half of it).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import resource
 import torch
 from torch import nn
 
-# Dense bf16 peak TFLOP/s per device (tensor cores, no sparsity: half NVIDIA's "with sparsity" figures),
+# Dense bf16 (= fp16) peak TFLOP/s per device (tensor cores, no sparsity: half NVIDIA's "with sparsity" figures),
 # matched against torch.cuda.get_device_name in this order, so the PCIe and NVL boards (lower clocks and
 # power) are found before the SXM parts whose names are their prefix ("NVIDIA H100 80GB HBM3" is SXM).
 PEAK_BF16_TFLOPS = (
@@ -48,7 +49,7 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float | No
     tflops = device_peak_tflops(torch.cuda.get_device_name(device))
     if tflops is None:
         return None
-    return tflops * 1e12 if precision == "bf16" else tflops * 1e12 / 2  # tf32 tensor cores
+    return tflops * 1e12 if precision in ("bf16", "fp16") else tflops * 1e12 / 2  # fp16 = bf16; fp32 runs on tf32
 
 
 def peak_memory_gb(device: torch.device) -> float:

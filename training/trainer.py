@@ -38,7 +38,7 @@ from data.artifacts import library_versions
 from data.config import merge_dicts, save_config, to_dict
 from data.loader import GlobalBatchLoader, to_device
 from data.precision import torch_dtype
-from training.attention import register_varlen
+from training.attention import attach_boundaries, register_varlen
 from training.checkpoint import UNIVERSAL_SUFFIX, CheckpointError, CheckpointStore, restore_rng
 from training.config import TrainingConfig
 from training.distributed import all_sum, barrier
@@ -51,13 +51,28 @@ from training.run_dir import RunDir
 from training.throughput import flops_per_token, peak_flops, peak_memory_gb
 from training.watchdog import StepWatchdog
 
+Metric = float | torch.Tensor | Callable[[], float]
+
 
 class TrainingLoss(Protocol):
     """The loss of one micro-batch through the engine, with metrics to log. Metrics are averaged over
     the micro-batches and ranks of a step, except seconds (names ending in `_s`), which are summed over
-    the micro-batches and also logged as a fraction of the step time."""
+    the micro-batches and also logged as a fraction of the step time. A metric may be a float, a tensor on
+    the device, or a function called once the step's work is done (a CUDA event's elapsed time): nothing is
+    read back from the device before the step's one wait for it."""
 
-    def __call__(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def __call__(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Metric]]: ...
+
+
+def metric_value(value: Metric) -> float:
+    return value() if callable(value) else float(value)
+
+
+def diverging(precision: str, loss: float) -> bool:
+    """Whether a skipped optimizer step counts towards `optimizer.max_skipped_steps`. Under fp16 a finite loss
+    whose scaled gradients overflowed is DeepSpeed's dynamic loss scaling at work (it lowers the scale, and
+    stops the run itself at the minimum scale), not a sign of divergence."""
+    return precision != "fp16" or not math.isfinite(loss)
 
 
 def causal_lm_loss(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -94,7 +109,10 @@ def deepspeed_config(config: TrainingConfig, plan: RunPlan) -> dict:
         "gradient_accumulation_steps": plan.accumulation,
         "gradient_clipping": config.optimizer.grad_clip,
         **zero_settings(config, plan.precision),
-        "bf16": {"enabled": plan.precision == "bf16"},
+        # bf16: each bf16 gradient is added to the fp32 buffer and freed at once (ZeRO-1's BF16_Optimizer would
+        # otherwise hold all of them, 2 bytes per parameter, until the step); fp16: dynamic loss scaling
+        "bf16": {"enabled": plan.precision == "bf16", "immediate_grad_update": True},
+        "fp16": {"enabled": plan.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "zero_allow_untested_optimizer": True,  # torch's AdamW as the client optimizer
         "checkpoint": {"load_universal": plan.needs_universal},
         "steps_per_print": 10**9,
@@ -117,6 +135,8 @@ def load_model(config: TrainingConfig, plan: RunPlan, path: str | None = None) -
                                                  attn_implementation=plan.attention)
     del keep_alive
     model.config.use_cache = False
+    if plan.attention == "varlen":
+        attach_boundaries(model)
     speed_up(model, config.kernels, config.compile, config.activation_checkpointing)
     return model.to(plan.device) if config.zero_stage != 3 else model
 
@@ -212,7 +232,8 @@ class Trainer:
             skipped = self.engine.skipped_steps > skipped_before  # DeepSpeed agrees on it across ranks
             self.check_update(loss_sum, skipped)
             self.skipped_steps += skipped
-            skipped_in_a_row = skipped_in_a_row + 1 if skipped else 0
+            bad = skipped and diverging(self.plan.precision, loss_sum)
+            skipped_in_a_row = skipped_in_a_row + 1 if bad else 0
             metrics = self.step_metrics(loss_sum / self.world_size, lr, tokens / elapsed, elapsed, data_wait)
             for name, value in zip(local_extras, extras, strict=True):
                 metrics[name] = value / self.world_size
@@ -225,7 +246,9 @@ class Trainer:
             if skipped:
                 self.metrics.message(f"step {self.step}: non-finite loss ({metrics['train.loss']:.4g}) or gradient "
                                      f"norm: optimizer step skipped ({skipped_in_a_row} in a row, "
-                                     f"{self.skipped_steps} in all)")
+                                     f"{self.skipped_steps} in all)"
+                                     + ("; fp16: DeepSpeed lowered the loss scale" if self.plan.precision == "fp16"
+                                        else ""))
             if skipped_in_a_row >= self.config.optimizer.max_skipped_steps:
                 return self.diverged(skipped_in_a_row)
             self.evaluate(self.step)
@@ -283,11 +306,13 @@ class Trainer:
             self.engine.step()
             losses.append(loss.detach().float())
             for name, value in loss_metrics.items():
-                share = 1 if name.endswith("_s") else 1 / self.plan.accumulation
-                extras[name] = extras.get(name, 0.0) + value * share
+                extras.setdefault(name, []).append(value)
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
-        return float(torch.stack(losses).mean()), tokens, data_wait, extras
+        mean_loss = float(torch.stack(losses).mean())  # the step's one wait for the device
+        return mean_loss, tokens, data_wait, {
+            name: sum(map(metric_value, values)) / (1 if name.endswith("_s") else len(values))
+            for name, values in extras.items()}
 
     def step_metrics(self, loss: float, lr: float, tokens_per_s: float, elapsed: float,
                      data_wait: float) -> dict[str, float | None]:
