@@ -50,7 +50,8 @@ def test_varlen_batches_train_like_the_dense_document_mask(cpt_inputs, tmp_path,
         assert ("cu_seq_lens_q" in batch) == (attn == "varlen")
         assert trainer.train() == "completed"
         runs[attn] = logged(tmp_path / attn, "train.loss") + logged(tmp_path / attn, "val.loss")
-    assert runs["varlen"] == pytest.approx(runs["sdpa"], rel=1e-5)
+    # not bitwise: the dense mask and the per-document path sum in other orders (seen: 1e-7 relative)
+    assert runs["varlen"] == pytest.approx(runs["sdpa"], rel=1e-6, abs=0)
 
 
 @pytest.mark.slow
@@ -108,15 +109,28 @@ def test_checkpointing_every_nth_block_gives_the_same_gradients():
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def cpp_compiler_missing() -> str | None:
+    """Why inductor cannot compile CPU kernels here (no working C++ compiler), or None: the only reason to
+    skip the compiled-blocks test. Any other failure of compiled blocks is a bug and fails it."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler as err:
+        return f"torch.compile needs a C++ compiler on the CPU: {err}"
+    return None
+
+
 @pytest.mark.slow
 def test_compiled_blocks_give_the_same_loss_and_gradients():
+    missing = cpp_compiler_missing()
+    if missing:
+        pytest.skip(missing)
     expected = loss_and_grads(tiny_llama(), BATCH)
     model = tiny_llama()
     speed_up(model, "none", True, False)
-    try:
-        loss, grads = loss_and_grads(model, BATCH)
-    except Exception as err:  # noqa: BLE001  (inductor needs a working C++ compiler on the CPU)
-        pytest.skip(f"torch.compile cannot build kernels on this machine: {err.__class__.__name__}: {err}"[:300])
+    loss, grads = loss_and_grads(model, BATCH)
     assert loss.item() == pytest.approx(expected[0].item(), abs=1e-5)
     for got, want in zip(grads, expected[1], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
@@ -163,7 +177,13 @@ def test_gpu_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     report = json.loads(out.read_text())
     sdpa, varlen, liger = (report["results"][path] for path in ("sdpa", "varlen", "varlen+liger"))
-    assert sdpa["tokens_per_s"] > 0 and varlen["tokens_per_s"] > 0 and varlen["mfu"] is None  # no MFU on a CPU
+    from tests.benchmarks.bench_gpu import ACCUMULATION, SHAPES
+
+    for result in (sdpa, varlen):  # a step's tokens: micro-batch x accumulation x the tiny shape's sequence
+        step_tokens = result["micro_batch"] * ACCUMULATION * SHAPES["tiny"]["seq_len"]
+        assert result["tokens_per_s"] * result["step_s"] == pytest.approx(step_tokens) and result["mfu"] is None
+        # a random model starts near the uniform guess: loss ln(vocabulary)
+        assert result["losses"][0] == pytest.approx(math.log(SHAPES["tiny"]["vocab_size"]), rel=0.05)
     assert varlen["losses"] == pytest.approx(sdpa["losses"], rel=1e-5) and report["losses_agree"]
     assert "liger" in liger["refused"]
     assert "| varlen | 2 |" in result.stdout
