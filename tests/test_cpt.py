@@ -234,28 +234,6 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
     raise AssertionError(f"rank {rank} not found among the launcher's children")
 
 
-def test_sigusr1_stop_and_restart_equals_uninterrupted_run(inputs, reference, tmp_path):
-    run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(cpt_command(inputs, run_dir, "zero_stage=2"), env=environment(), cwd=ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_for_step(run_dir, 3, launcher)
-    rank_process(launcher, 1).send_signal(signal.SIGUSR1)  # one rank only: the others learn it at the all-reduce
-    output, _ = launcher.communicate(timeout=300)
-    assert launcher.returncode == PREEMPTED, output[-3000:]
-    stopped = CheckpointStore(run_dir / "checkpoints", 0, 10, 0).latest().step
-    assert 3 <= stopped < STEPS, stopped
-    assert max(train_losses(run_dir)) == stopped
-
-    result = run_cpt(inputs, run_dir, "zero_stage=2")
-    assert f"resumed from {run_dir / 'checkpoints' / tag_for(stopped)}" in result.stdout
-    assert train_losses(run_dir) == train_losses(reference)  # bitwise, every step
-    assert val_losses(run_dir) == val_losses(reference)
-    resumed, uninterrupted = exported_weights(run_dir), exported_weights(reference)
-    assert resumed.keys() == uninterrupted.keys()
-    for name in resumed:
-        assert torch.equal(resumed[name], uninterrupted[name]), name
-
-
 def test_sigkill_while_saving_and_a_truncated_file_resume_from_the_newest_whole_checkpoint(inputs, reference,
                                                                                            tmp_path):
     """Rank 0 dies by SIGKILL halfway through writing step 6's optimizer states: `.tmp-step_6` is left and
@@ -395,13 +373,25 @@ def test_exported_checkpoint_has_the_engines_logits_and_offline_export_matches(i
     assert torch.equal(load_file(Path(exported) / "model.safetensors")[next(iter(at_end))], next(iter(at_end.values())))
 
 
-def test_sigterm_to_every_process_with_loader_workers_commits_and_resumes_exactly(inputs, reference, tmp_path):
-    """As Slurm preempts: SIGTERM to the launcher, its ranks and their DataLoader workers at once."""
-    run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(cpt_command(inputs, run_dir, "zero_stage=2", "data.num_workers=1"),
-                                env=environment(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, start_new_session=True)
+def test_stop_signals_commit_and_the_restarts_equal_the_uninterrupted_run(inputs, reference, tmp_path):
+    """With a DataLoader worker per rank. First SIGUSR1 to rank 1 only: the other rank learns it at the step's
+    all-reduce, both commit and the launcher exits 75. The restart resumes; then SIGTERM to every process at
+    once, launcher, ranks and workers, as Slurm preempts: each rank commits and exits 75 (the deepspeed
+    launcher does not pass that on: each prints it). The last restart ends bitwise as the uninterrupted run."""
+    run_dir, workers = tmp_path / "run", "data.num_workers=1"
+    launcher = subprocess.Popen(cpt_command(inputs, run_dir, "zero_stage=2", workers), env=environment(), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(run_dir, 3, launcher)
+    rank_process(launcher, 1).send_signal(signal.SIGUSR1)
+    output, _ = launcher.communicate(timeout=300)
+    assert launcher.returncode == PREEMPTED, output[-3000:]
+    first_stop = CheckpointStore(run_dir / "checkpoints", 0, 10, 0).latest().step
+    assert 3 <= first_stop < STEPS - 2 and max(train_losses(run_dir)) == first_stop
+    assert "[rank 1] SIGUSR1 to committed checkpoint" in output and "[rank 0] SIGUSR1" not in output
+
+    launcher = subprocess.Popen(cpt_command(inputs, run_dir, "zero_stage=2", workers), env=environment(), cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    wait_for_step(run_dir, first_stop + 1, launcher)
     ranks = [rank_process(launcher, rank) for rank in (0, 1)]
     assert all(rank.children() for rank in ranks), "each rank has its DataLoader worker"
     everyone = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
@@ -409,21 +399,22 @@ def test_sigterm_to_every_process_with_loader_workers_commits_and_resumes_exactl
     output, _ = launcher.communicate(timeout=300)
     psutil.wait_procs(everyone, timeout=60)
     assert not [p for p in everyone if p.is_running()], "every process of the run has exited"
+    assert f"resumed from {run_dir / 'checkpoints' / tag_for(first_stop)}" in output
     assert "DataLoader worker" not in output, output[-3000:]
-    # the deepspeed launcher does not pass the ranks' exit codes on: each rank prints its own
     exits = re.findall(r"\[rank (\d)\] SIGTERM to committed checkpoint: ([\d.]+) s; exit code (\d+)", output)
     assert sorted((int(rank), int(code)) for rank, _, code in exits) == [(0, PREEMPTED), (1, PREEMPTED)], output[-3000:]
     stopped = CheckpointStore(run_dir / "checkpoints", 0, 10, 0).latest().step
     assert f"stop requested: checkpoint at step {stopped} committed" in output
-    assert 3 <= stopped < STEPS and max(train_losses(run_dir)) == stopped
-    seconds = [float(s) for _, s, _ in exits]
-    print(f"signal to committed checkpoint: {max(seconds):.2f} s "
+    assert first_stop < stopped < STEPS and max(train_losses(run_dir)) == stopped
+    print(f"signal to committed checkpoint: {max(float(s) for _, s, _ in exits):.2f} s "
           f"({sum(f.stat().st_size for f in (run_dir / 'checkpoints' / tag_for(stopped)).rglob('*')) / 1e6:.1f} MB)")
 
-    result = run_cpt(inputs, run_dir, "zero_stage=2", "data.num_workers=1")
+    result = run_cpt(inputs, run_dir, "zero_stage=2", workers)
     assert f"resumed from {run_dir / 'checkpoints' / tag_for(stopped)}" in result.stdout
-    assert train_losses(run_dir) == train_losses(reference)
+    assert train_losses(run_dir) == train_losses(reference)  # bitwise, every step
+    assert val_losses(run_dir) == val_losses(reference)
     resumed, uninterrupted = exported_weights(run_dir), exported_weights(reference)
+    assert resumed.keys() == uninterrupted.keys()
     for name in uninterrupted:
         assert torch.equal(resumed[name], uninterrupted[name]), name
 
