@@ -153,8 +153,8 @@ def main() -> None:
     print(f"| generation, SmolLM2-135M fp32 {'GPU' if device.type == 'cuda' else 'CPU'}, paper protocol "
           f"({PROTOCOL['input_tokens']} in, {PROTOCOL['new_tokens']} out, bs {PROTOCOL['batch_size']}, "
           f"{PROTOCOL['warmup']} + {PROTOCOL['runs']} runs, {round_no} round(s)) | original, {blocks['original']} "
-          f"blocks: {speed['original']:.2f} tokens/s | pruned {report['param_reduction']:.0%} ({criterion.upper()}, "
-          f"blocks {drop}), {blocks['pruned']} blocks: {speed['pruned']:.2f} tokens/s | {measured:.2f}x (block ratio "
+          f"blocks: {speed['original']:.2f} tokens/s | pruned by {criterion.upper()} ({report['param_reduction']:.1%} of "
+          f"the parameters, blocks {drop}), {blocks['pruned']} blocks: {speed['pruned']:.2f} tokens/s | {measured:.2f}x (block ratio "
           f"{blocks['original'] / blocks['pruned']:.2f}x, decode FLOP ratio {matmul['original'] / matmul['pruned']:.2f}x; "
           f"the paper's LLaMA-7B on H100: {paper:.2f}x) |")
 
