@@ -228,8 +228,8 @@ def report(ours: list[dict], bare: list[dict], params: int) -> bool:
           f"{median(bare, 'step_s'):.3f} s/step | {median(ours, 'loop_s'):.3f} s/step (whole loop) | "
           f"{loop_overhead:+.0%}" + (f", within this machine's run-to-run noise ({max(spread):.0%} here)"
                                        if abs(loop_overhead) <= max(spread) else "")
-          + f"; our own work between steps {statistics.median(outside) * 1e3:.0f} ms = "
-          f"{statistics.median(outside) / median(ours, 'step_s'):.1%}; "
+          + f"; our own work between steps {statistics.median(outside) * 1e3:.1f} ms = "
+          f"{statistics.median(outside) / median(ours, 'step_s'):.2%} of a step; "
           + ("losses identical |" if largest == 0 else f"LOSSES DIFFER by up to {largest:.1e} |"))
     return largest == 0
 
