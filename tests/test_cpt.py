@@ -23,12 +23,12 @@ from data.config import load_config
 from data.packed import PackedSequences
 from tests.fixtures import ROOT, without_distributed_env
 from training.checkpoint import METADATA, CheckpointStore
-from training.config import CPTConfig
+from training.config import CPTConfig, OptimizerSection
 from training.distributed import WorldInfo, free_port
 from training.run_dir import tag_for
 from training.validation import ValidationLoss
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]  # real DeepSpeed launches, up to three per test
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # real DeepSpeed launches, up to three per test
 
 DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 STEPS = 10
@@ -442,7 +442,7 @@ def test_nonfinite_steps_are_skipped_and_three_in_a_row_exit_3(inputs, tmp_path)
     run_dir = tmp_path / "run"
     result = run_cpt(inputs, run_dir, "validation.every_steps=0", "checkpoint.every_steps=1", nprocs=1,
                      script=SCRIPTS / "cpt_with_nonfinite_steps.py", script_args=("--nan-steps=3,5,6,7",), expect=3)
-    assert load_config(CPTConfig, None, []).optimizer.max_skipped_steps == 3  # the README's value, the default
+    assert OptimizerSection().max_skipped_steps == 3  # the README's value, the default
     checkpoints = run_dir / "checkpoints"
     assert ("stopping: 3 optimizer steps in a row (steps 5..7) had a non-finite loss or gradient norm "
             f"(optimizer.max_skipped_steps=3). The last good checkpoint is {checkpoints / tag_for(6)}") in result.stdout

@@ -82,7 +82,7 @@ def test_a_teacher_with_another_tokenizer_is_refused(cpt_inputs, tmp_path, token
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)  # two launches
+@pytest.mark.timeout(900)  # two launches
 def test_alpha_one_is_plain_cpt_bitwise(cpt_inputs, tmp_path):
     """With alpha=1 the KL term weighs nothing: losses and final weights equal plain CPT's bit for bit."""
     plain, distilled = tmp_path / "plain", tmp_path / "distilled"
@@ -108,7 +108,7 @@ def state_shapes(checkpoint) -> dict[str, object]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # four launches
+@pytest.mark.timeout(1200)  # four launches
 def test_a_distilled_run_resumes_bitwise_on_two_ranks(cpt_inputs, cpt_reference, tmp_path):
     distill = [f"distill.teacher={cpt_inputs['model']}", "distill.temperature=2", "distill.alpha=0.5",
                "distill.chunk=5000"]

@@ -75,8 +75,8 @@ def test_lm_eval_loglikelihoods_match_a_hand_computation_on_smollm2(smollm2, tok
         doc = sample["doc"]
         by_hand = [hand_loglikelihood(smollm2, tokenizer, doc["context"], " " + c) for c in doc["choices"]]
         from_lm_eval = [float(r[0][0]) for r in sample["resps"]]
-        print("MEASURE hand", max(abs(a - b) for a, b in zip(from_lm_eval, by_hand)))
-        assert from_lm_eval == pytest.approx(by_hand, abs=1e-3)
+        # the same fp32 model; lm-eval pads its batch of 8 (seen: up to 1.5e-5 apart)
+        assert from_lm_eval == pytest.approx(by_hand, abs=1e-4)
         assert sample["acc"] == float(max(range(len(by_hand)), key=by_hand.__getitem__) == doc["answer"])
 
 
@@ -96,8 +96,8 @@ def test_sharded_lm_scores_as_lm_eval_hflm(smollm2, tokenizer, cloze_tasks, hflm
     ours = run_tasks(lm, cloze_tasks, [CLOZE_TASK], limit=LIMIT, log_samples=True)
     assert ours["tasks"][CLOZE_TASK]["value"] == hflm_scores["tasks"][CLOZE_TASK]["value"]
     for mine, theirs in zip(ours["samples"][CLOZE_TASK], hflm_scores["samples"][CLOZE_TASK], strict=True):
-        print("MEASURE sharded", max(abs(a[0][0] - b[0][0]) for a, b in zip(mine["resps"], theirs["resps"])))
-        assert [r[0][0] for r in mine["resps"]] == pytest.approx([r[0][0] for r in theirs["resps"]], abs=1e-3)
+        # batches of 5 against lm-eval's 8, padded otherwise (seen: up to 2.5e-5 apart)
+        assert [r[0][0] for r in mine["resps"]] == pytest.approx([r[0][0] for r in theirs["resps"]], abs=1e-4)
 
 
 def test_unknown_tasks_and_offline_data_name_what_to_set(tmp_path, tiny_model_dirs):

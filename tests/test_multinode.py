@@ -29,7 +29,7 @@ from tests.test_cpt import exported_weights, train_losses, val_losses
 from tests.test_submit import job_running, wait_for_step
 from training.run_dir import tag_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # a test's share includes its fixtures' runs
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # a test's share includes its fixtures' runs
 
 BIN = Path(sys.executable).parent
 STEPS = 4

@@ -11,7 +11,7 @@ import pytest
 from tests.fixtures import cluster_unavailable
 from tests.namespace_nodes import NamespaceNodes, ensure_node_tools, reap_leftovers
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]  # root, iproute2 and (for ssh) apt
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # root, iproute2 and (for ssh) apt
 
 
 @pytest.fixture(scope="module")

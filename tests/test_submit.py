@@ -98,7 +98,7 @@ def test_missing_sbatch_is_a_clear_error(cpt_inputs, tmp_path):
 
 
 @pytest.mark.slow  # starts the Slurm cluster
-@pytest.mark.timeout(1200)  # the first test of a session to ask for Slurm may apt-install it
+@pytest.mark.timeout(1800)  # the first test of a session to ask for Slurm may apt-install it
 def test_too_many_gpus_and_a_refused_submission(slurm_cluster, cpt_inputs, tmp_path):
     recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
     env = job_env(slurm_cluster)
@@ -142,7 +142,7 @@ def uninterrupted_slurm_run(slurm_cluster, cpt_inputs, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_two_task_training_job_trains_as_the_deepspeed_launcher(uninterrupted_slurm_run, cpt_reference):
     """srun's tasks set up their process group from Slurm's environment; the deepspeed launcher's reference run
     (tests/test_cpt.py, 10 steps) sets it up from its own. Until the learning rates of the two part (the
@@ -179,7 +179,7 @@ def wait_for_restart(cluster, job: str, log_path: Path, restart: int, timeout: f
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_requeue_and_sigterm_to_every_process_resume_to_the_same_weights(slurm_cluster, cpt_inputs,
                                                                          uninterrupted_slurm_run, tmp_path):
     """With the recipes' DataLoader worker per rank: `scontrol requeue` (a job kill: SIGTERM to every
@@ -210,7 +210,7 @@ def test_requeue_and_sigterm_to_every_process_resume_to_the_same_weights(slurm_c
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)
+@pytest.mark.timeout(1800)
 def test_array_tokenization_equals_a_single_process_run(slurm_cluster, cpt_inputs, tmp_path):
     documents = load_documents("embedded:c4_demo.jsonl")
     inputs = []

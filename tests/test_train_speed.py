@@ -179,11 +179,11 @@ def test_gpu_benchmark_runs_end_to_end_on_the_cpu(tmp_path):
     sdpa, varlen, liger = (report["results"][path] for path in ("sdpa", "varlen", "varlen+liger"))
     from tests.benchmarks.bench_gpu import ACCUMULATION, SHAPES
 
-    for result in (sdpa, varlen):  # a step's tokens: micro-batch x accumulation x the tiny shape's sequence
-        step_tokens = result["micro_batch"] * ACCUMULATION * SHAPES["tiny"]["seq_len"]
-        assert result["tokens_per_s"] * result["step_s"] == pytest.approx(step_tokens) and result["mfu"] is None
+    for measured in (sdpa, varlen):  # a step's tokens: micro-batch x accumulation x the tiny shape's sequence
+        step_tokens = measured["micro_batch"] * ACCUMULATION * SHAPES["tiny"]["seq_len"]
+        assert measured["tokens_per_s"] * measured["step_s"] == pytest.approx(step_tokens) and measured["mfu"] is None
         # a random model starts near the uniform guess: loss ln(vocabulary)
-        assert result["losses"][0] == pytest.approx(math.log(SHAPES["tiny"]["vocab_size"]), rel=0.05)
+        assert measured["losses"][0] == pytest.approx(math.log(SHAPES["tiny"]["vocab_size"]), rel=0.05)
     assert varlen["losses"] == pytest.approx(sdpa["losses"], rel=1e-5) and report["losses_agree"]
     assert "liger" in liger["refused"]
     assert "| varlen | 2 |" in result.stdout
