@@ -16,6 +16,7 @@ import atexit
 import multiprocessing
 import multiprocessing.util  # registers its exit hook now, before ours
 import signal
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 
@@ -91,15 +92,25 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(stop_signal, signal.SIG_IGN)
 
 
-def _kill_leftover_workers() -> None:
+# The DataLoader iterators of this process that may still have workers. One outlives its loop when an
+# exception's traceback holds it (a run that fails mid-step) or a script keeps it to the end.
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+def _shut_down_leftover_workers() -> None:
     """At the rank's exit, before multiprocessing's own exit hook (which SIGTERMs daemonic children, then
-    joins them): a worker whose loader was not shut down ignores that SIGTERM and would be waited for forever."""
+    joins them: a worker ignores that SIGTERM and would be waited for forever). Each loader shuts its workers
+    down the way it does at the end of a loop; killing them instead made torch's SIGCHLD handler print a
+    "DataLoader worker ... is killed by signal: Killed" traceback after the run's real error. A worker that
+    still lives after that (none seen) is killed."""
+    for iterator in list(_LIVE_ITERATORS):
+        iterator._shutdown_workers()  # torch's own shutdown (private, as Lightning calls it at teardown)
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
 
 
-atexit.register(_kill_leftover_workers)  # after multiprocessing's hook, so it runs before it
+atexit.register(_shut_down_leftover_workers)  # after multiprocessing's hook, so it runs before it
 
 
 def collate(samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -151,8 +162,11 @@ class GlobalBatchLoader:
                             num_workers=self.num_workers, persistent_workers=False,
                             worker_init_fn=ignore_stop_signals if self.num_workers else None,
                             generator=torch.Generator().manual_seed(self.seed))
+        iterator = iter(loader)
+        if self.num_workers:
+            _LIVE_ITERATORS.add(iterator)
         micro = 0
-        for batch in loader:
+        for batch in iterator:
             micro += 1
             if micro == self.accumulation:  # a whole global step has been handed out
                 micro = 0

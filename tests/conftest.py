@@ -23,6 +23,7 @@ from tests.fixtures import (  # noqa: E402, F401  (fixtures are found by name)
     books_path,
     calibration,
     cpt_inputs,
+    cpt_reference,
     single_process_group,
     slurm_cluster,
     smollm2_dir,

@@ -262,7 +262,7 @@ class SlurmCluster:
     real_memory_mb = 1024
 
     def __init__(self, root: str | os.PathLike | None = None, extra_config: Iterable[str] = (),
-                 start_timeout: float = 60.0, kill_wait: int = 5, cred_expire: int = 10,
+                 start_timeout: float = 60.0, kill_wait: int = 30, cred_expire: int = 10,
                  nodes: Sequence[SlurmNode] = (), controller_address: str = "127.0.0.1"):
         # Short base path: slurmd puts unix sockets (108-byte limit) in its spool dir.
         base = root if root is not None else ("/tmp" if os.path.isdir("/tmp") else None)
@@ -315,6 +315,8 @@ class SlurmCluster:
             "SlurmctldParameters=preempt_send_user_signal",
             "ReturnToService=2",
             "JobRequeue=1",
+            # Slurm's default: a job kill (scontrol requeue, preemption without grace) waits this long
+            # between SIGTERM and SIGKILL; a loaded 2-core machine needs more than a few seconds to commit
             f"KillWait={self.kill_wait}",
             "MinJobAge=120",
             "MaxJobCount=10000",

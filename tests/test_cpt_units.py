@@ -125,6 +125,34 @@ def test_resume_refuses_a_checkpoint_of_another_run(small_run, tmp_path):
         plan_cpt(config_for(small_run, f"output_dir={tmp_path}", "resume=false"), WORLD2)
 
 
+def test_resume_refuses_another_teacher_alpha_or_temperature(small_run, tmp_path):
+    """A distilled run's loss is alpha x CE + (1 - alpha) x T^2 x KL(teacher || student): resuming it with
+    another teacher, alpha or temperature, or without the teacher, would not continue the same run."""
+    teacher = tmp_path / "teacher"
+    AutoModelForCausalLM.from_pretrained(small_run / "model").save_pretrained(teacher)
+    AutoTokenizer.from_pretrained(small_run / "model").save_pretrained(teacher)
+    distill = [f"distill.teacher={teacher}", "distill.alpha=0.5", "distill.temperature=2"]
+    run = tmp_path / "run"
+    config = config_for(small_run, f"output_dir={run}", *distill)
+    plan = plan_cpt(config, WORLD2)
+    fake_checkpoint(run / "checkpoints", 4, fingerprints=plan.fingerprints,
+                    config={"global_batch": 8, "data": {"seq_len": 64},
+                            "distill": {"teacher": str(teacher), "alpha": 0.5, "temperature": 2.0}})
+    assert plan_cpt(config, WORLD2).resume_from.step == 4  # the same settings resume
+    with pytest.raises(ConfigError, match="trained with distill.alpha=0.5, not 0.3"):
+        plan_cpt(config_for(small_run, f"output_dir={run}", *distill, "distill.alpha=0.3"), WORLD2)
+    with pytest.raises(ConfigError, match="trained with distill.temperature=2.0, not 1.0"):
+        plan_cpt(config_for(small_run, f"output_dir={run}", *distill, "distill.temperature=1"), WORLD2)
+    other = tmp_path / "other-teacher"
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    model.config.rms_norm_eps = 1e-5  # another model: its config differs
+    model.save_pretrained(other)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(other)
+    for teacher_setting in (f"distill.teacher={other}", "distill.teacher=null"):
+        with pytest.raises(DataMismatchError, match="was trained from another teacher than this config names"):
+            plan_cpt(config_for(small_run, f"output_dir={run}", *distill, teacher_setting), WORLD2)
+
+
 def test_resume_on_another_world_size_asks_for_the_universal_format(small_run, tmp_path):
     config = config_for(small_run, f"output_dir={tmp_path}")
     fingerprints = plan_cpt(config, WORLD2).fingerprints

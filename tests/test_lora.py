@@ -58,7 +58,7 @@ def records(run_dir):
 
 def test_loss_falls_and_outputs_are_standard(uninterrupted):
     val = {r["step"]: r["val.loss"] for r in records(uninterrupted) if "val.loss" in r}
-    assert val[4] < val[0] - 0.01, val  # 4 steps of 4 records
+    assert val[4] < val[0] - 0.02, val  # 4 steps of 4 records: 1.804 -> 1.775 seen (deterministic but for rounding)
     config = json.loads((uninterrupted / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.05)
     assert set(config["target_modules"]) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -76,8 +76,9 @@ def test_merged_model_equals_the_adapter_model(uninterrupted, smollm2_dir):
     merged = AutoModelForCausalLM.from_pretrained(uninterrupted / "merged").eval()
     with torch.no_grad():
         expected, got = adapted(input_ids=ids).logits, merged(input_ids=ids).logits
-    # merging adds B @ A into W once: equal up to fp32 rounding of that sum
-    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-3), float((got - expected).abs().max())
+    # merging adds B @ A into W once: equal up to fp32 rounding of that sum, carried through 30 blocks
+    # (seen: 1.4e-4 on logits up to 33, i.e. 4e-6 of their scale)
+    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max(), float((got - expected).abs().max())
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
     saved = load_file(uninterrupted / "adapter" / "adapter_model.safetensors")
     reloaded = {k: v for k, v in adapted.state_dict().items() if "lora_" in k}
@@ -102,8 +103,10 @@ def test_a_lora_checkpoint_exports_and_evaluates_like_a_cpt_one(uninterrupted, t
         assert torch.allclose(exported[name], tensor, atol=1e-6), name
     from training.evaluate import resolve_checkpoint
 
-    evaluated = resolve_checkpoint(str(checkpoint), tmp_path / "scratch")
-    assert AutoModelForCausalLM.from_pretrained(evaluated).config.num_hidden_layers > 0
+    evaluated = load_file(Path(resolve_checkpoint(str(checkpoint), tmp_path / "scratch")) / "model.safetensors")
+    assert evaluated.keys() == exported.keys()
+    for name, tensor in exported.items():  # the model eval scores is the merged checkpoint
+        assert torch.equal(evaluated[name], tensor), name
 
 
 def test_interrupted_run_resumes_to_the_same_adapter(distributed, uninterrupted, tmp_path):

@@ -8,16 +8,17 @@ import subprocess
 
 import pytest
 
+from tests.fixtures import cluster_unavailable
 from tests.namespace_nodes import NamespaceNodes, ensure_node_tools, reap_leftovers
 
-pytestmark = pytest.mark.slow  # root, iproute2 and (for ssh) apt
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # root, iproute2 and (for ssh) apt
 
 
 @pytest.fixture(scope="module")
 def nodes():
     reason = ensure_node_tools(with_ssh=True)
     if reason is not None:
-        pytest.skip(reason)
+        cluster_unavailable(reason)
     with NamespaceNodes(("alpha", "beta")) as nodes:
         nodes.start_sshd()
         yield nodes
@@ -58,7 +59,7 @@ def test_ssh_by_name_and_a_node_off_the_network(nodes):
 def skip_without_node_tools() -> None:
     reason = ensure_node_tools()
     if reason is not None:
-        pytest.skip(reason)
+        cluster_unavailable(reason)
 
 
 def test_stop_removes_exactly_what_was_made():

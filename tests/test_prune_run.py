@@ -35,7 +35,12 @@ def assert_nothing_written(out: Path):
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 @pytest.mark.parametrize("criterion", CRITERIA)
-def test_every_criterion_on_every_architecture(arch, criterion, tiny_model_dirs, books_path, tmp_path):
+def test_every_criterion_on_every_architecture(arch, criterion, tiny_model_dirs, books_path, tmp_path, monkeypatch):
+    from matplotlib.axes import Axes
+
+    drawn, bar = [], Axes.bar
+    monkeypatch.setattr(Axes, "bar", lambda self, x, height, **kw: drawn.append((list(x), list(height), kw["color"]))
+                        or bar(self, x, height, **kw))
     out = tmp_path / "pruned"
     result = prune(make_config(tiny_model_dirs[arch], out, books_path, f"criterion={criterion}",
                                "verify_reload=false"))
@@ -49,7 +54,13 @@ def test_every_criterion_on_every_architecture(arch, criterion, tiny_model_dirs,
         assert report["protected"] == []
         candidates = sorted(range(TINY_LAYERS), key=lambda i: (report["scores"][i], i))
         assert report["removed"] == sorted(candidates[:2])
-    assert (out / "block_importance.png").stat().st_size > 1000
+    # the picture: one bar per block at its score, removed blocks red, protected gray (the paper's Figure 4)
+    colors = ["tab:red" if i in report["removed"] else "tab:gray" if i in report["protected"] else "tab:blue"
+              for i in range(TINY_LAYERS)]
+    assert drawn == [(list(range(TINY_LAYERS)), report["scores"], colors)]
+    import matplotlib.image
+
+    assert matplotlib.image.imread(out / "block_importance.png").shape[:2] == (432, 720)  # 6 x 3.6 in at 120 dpi
     assert AutoConfig.from_pretrained(out).num_hidden_layers == TINY_LAYERS - 2
 
 

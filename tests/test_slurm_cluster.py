@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]  # the first may apt-install Slurm
 
 
 def _wait_for_text(path, text, timeout=60):

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,18 +20,22 @@ from data.config import load_config
 from data.prepare import PrepareConfig, prepare
 from data.text import load_documents
 from tests.fixtures import ROOT, without_distributed_env
+from tests.slurm_cluster import DEAD_END_STATES, FINAL_STATES
+from tests.test_cpt import train_losses, val_losses
 
 SUBMIT = [sys.executable, str(ROOT / "launch" / "submit.py")]
 CPU_JOB = ["--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "2", "--cpus-per-task", "1",
            "--time", "10:00", "--signal-seconds", "60"]
-STEPS = 24
+STEPS = 16
 
 
 def cpt_recipe(cpt_inputs, path: Path, run_dir: Path) -> Path:
+    """tests/test_cpt.py's reference run (2 ranks, ZeRO-2, the same model, data, batch and lr) for STEPS steps."""
     recipe = {"model": str(cpt_inputs["model"]), "output_dir": str(run_dir), "train_steps": STEPS,
-              "global_batch": 8, "micro_batch": 2, "data": {"path": str(cpt_inputs["tokens"]), "seq_len": 64},
+              "global_batch": 8, "micro_batch": 2, "zero_stage": 2,
+              "data": {"path": str(cpt_inputs["tokens"]), "seq_len": 64},
               "optimizer": {"lr": 3e-3}, "checkpoint": {"every_steps": 3, "every_minutes": 0},
-              "validation": {"every_steps": 0}, "logging": {"trackers": []}}
+              "validation": {"every_steps": 5, "sequences": 8}, "logging": {"trackers": []}}
     path.write_text(yaml.safe_dump(recipe))
     return path
 
@@ -92,6 +97,8 @@ def test_missing_sbatch_is_a_clear_error(cpt_inputs, tmp_path):
     assert result.stderr.startswith("error: sbatch not found on PATH")
 
 
+@pytest.mark.slow  # starts the Slurm cluster
+@pytest.mark.timeout(1800)  # the first test of a session to ask for Slurm may apt-install it
 def test_too_many_gpus_and_a_refused_submission(slurm_cluster, cpt_inputs, tmp_path):
     recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
     env = job_env(slurm_cluster)
@@ -102,7 +109,9 @@ def test_too_many_gpus_and_a_refused_submission(slurm_cluster, cpt_inputs, tmp_p
         result.stderr
 
 
-def wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> int:
+def wait_for_step(run_dir: Path, step: int, running: Callable[[], bool] = lambda: True, timeout: float = 900) -> int:
+    """Until the run has logged `step`; fails at once when `running()` says the job is over, else after a
+    generous deadline (a loaded 2-core machine may queue, start and step slowly)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         path = run_dir / "metrics.jsonl"
@@ -110,8 +119,14 @@ def wait_for_step(run_dir: Path, step: int, timeout: float = 240) -> int:
             steps = [json.loads(line).get("step", 0) for line in path.read_text().splitlines() if line.strip()]
             if steps and max(steps) >= step:
                 return max(steps)
-        time.sleep(0.2)
+        if not running():
+            raise AssertionError(f"the job ended before step {step}")
+        time.sleep(0.5)
     raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def job_running(cluster, job: str) -> Callable[[], bool]:
+    return lambda: cluster.job_state(job) not in FINAL_STATES | DEAD_END_STATES
 
 
 @pytest.fixture(scope="module")
@@ -126,13 +141,30 @@ def uninterrupted_slurm_run(slurm_cluster, cpt_inputs, tmp_path_factory):
     return root / "run", log
 
 
-def test_two_task_training_job_runs_to_completion(uninterrupted_slurm_run):
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_two_task_training_job_trains_as_the_deepspeed_launcher(uninterrupted_slurm_run, cpt_reference):
+    """srun's tasks set up their process group from Slurm's environment; the deepspeed launcher's reference run
+    (tests/test_cpt.py, 10 steps) sets it up from its own. Until the learning rates of the two part (the
+    schedules' lengths differ: 16 steps here), every loss is bitwise the same; so is the held-out loss."""
     run_dir, log = uninterrupted_slurm_run
     assert "2 ranks x micro-batch 2 x accumulation 2" in log
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    reference_rows = [json.loads(line) for line in (cpt_reference / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["train.lr"] for r in rows if "train.lr" in r}
+    reference_lr = {r["step"]: r["train.lr"] for r in reference_rows if "train.lr" in r}
+    parted = next(step for step in range(1, 12) if lr[step] != reference_lr.get(step))  # the first update that differs
+    assert parted >= 2, (lr, reference_lr)
+    losses, reference_losses = train_losses(run_dir), train_losses(cpt_reference)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    for step in range(1, parted + 1):  # step k's loss is computed with the weights of updates 1 .. k-1
+        assert losses[step] == reference_losses[step], step
+    assert val_losses(run_dir)[0] == val_losses(cpt_reference)[0]
+    assert sum(losses[s] for s in (STEPS - 1, STEPS)) / 2 < sum(losses[s] for s in (1, 2)) / 2 - 0.5, losses
     assert (run_dir / "exports" / f"step_{STEPS:08d}" / "model.safetensors").is_file()
 
 
-def wait_for_restart(cluster, job: str, log_path: Path, restart: int, timeout: float = 240) -> None:
+def wait_for_restart(cluster, job: str, log_path: Path, restart: int, timeout: float = 600) -> None:
     """Until the requeued run `restart` has resumed from a checkpoint."""
     deadline = time.monotonic() + timeout
     while cluster.restart_count(job) < restart and time.monotonic() < deadline:
@@ -146,6 +178,8 @@ def wait_for_restart(cluster, job: str, log_path: Path, restart: int, timeout: f
     raise AssertionError(f"run {restart} did not resume in {timeout} s")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_requeue_and_sigterm_to_every_process_resume_to_the_same_weights(slurm_cluster, cpt_inputs,
                                                                          uninterrupted_slurm_run, tmp_path):
     """With the recipes' DataLoader worker per rank: `scontrol requeue` (a job kill: SIGTERM to every
@@ -155,14 +189,15 @@ def test_requeue_and_sigterm_to_every_process_resume_to_the_same_weights(slurm_c
     recipe = cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")
     job = submit(["cpt", "--config", str(recipe), *CPU_JOB, "--log-dir", str(tmp_path / "logs"), "--parsable"],
                  job_env(slurm_cluster)).stdout.strip()
-    wait_for_step(tmp_path / "run", 5)
+    running = job_running(slurm_cluster, job)
+    wait_for_step(tmp_path / "run", 5, running)
     slurm_cluster.run("scontrol", "requeue", job)  # as a preemption would: SIGTERM to the job now
     log_path = next((tmp_path / "logs").glob("*.out"))
     wait_for_restart(slurm_cluster, job, log_path, 1)
     first_run = log_path.read_text().split("restart 1 on")[0]
-    for rank in (0, 1):  # a job kill leaves KillWait (5 s here) between SIGTERM and SIGKILL: enough to commit
+    for rank in (0, 1):  # a job kill leaves KillWait (Slurm's default 30 s) between SIGTERM and SIGKILL to commit
         assert f"[rank {rank}] SIGTERM to committed checkpoint" in first_run, first_run[-3000:]
-    wait_for_step(tmp_path / "run", 14)
+    wait_for_step(tmp_path / "run", 10, running)
     slurm_cluster.run("scancel", "--signal=TERM", "--full", job)
     assert slurm_cluster.wait_for(job, timeout=600) == "COMPLETED", log_path.read_text()[-4000:]
     log = log_path.read_text()
@@ -174,6 +209,8 @@ def test_requeue_and_sigterm_to_every_process_resume_to_the_same_weights(slurm_c
         assert torch.equal(resumed[name], reference[name]), name
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
 def test_array_tokenization_equals_a_single_process_run(slurm_cluster, cpt_inputs, tmp_path):
     documents = load_documents("embedded:c4_demo.jsonl")
     inputs = []

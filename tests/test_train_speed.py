@@ -48,7 +48,8 @@ def test_varlen_batches_train_like_the_dense_document_mask(cpt_inputs, tmp_path,
         assert ("cu_seq_lens_q" in batch) == (attn == "varlen")
         assert trainer.train() == "completed"
         runs[attn] = logged(tmp_path / attn, "train.loss") + logged(tmp_path / attn, "val.loss")
-    assert runs["varlen"] == pytest.approx(runs["sdpa"], rel=1e-5)
+    # not bitwise: the dense mask and the per-document path sum in other orders (seen: 1e-7 relative)
+    assert runs["varlen"] == pytest.approx(runs["sdpa"], rel=1e-6, abs=0)
 
 
 @pytest.mark.slow
@@ -106,15 +107,28 @@ def test_checkpointing_every_nth_block_gives_the_same_gradients():
         torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
 
 
+def cpp_compiler_missing() -> str | None:
+    """Why inductor cannot compile CPU kernels here (no working C++ compiler), or None: the only reason to
+    skip the compiled-blocks test. Any other failure of compiled blocks is a bug and fails it."""
+    from torch._inductor.cpp_builder import get_cpp_compiler
+    from torch._inductor.exc import InvalidCxxCompiler
+
+    try:
+        get_cpp_compiler()
+    except InvalidCxxCompiler as err:
+        return f"torch.compile needs a C++ compiler on the CPU: {err}"
+    return None
+
+
 @pytest.mark.slow
 def test_compiled_blocks_give_the_same_loss_and_gradients():
+    missing = cpp_compiler_missing()
+    if missing:
+        pytest.skip(missing)
     expected = loss_and_grads(tiny_llama(), BATCH)
     model = tiny_llama()
     speed_up(model, "none", True, False)
-    try:
-        loss, grads = loss_and_grads(model, BATCH)
-    except Exception as err:  # noqa: BLE001  (inductor needs a working C++ compiler on the CPU)
-        pytest.skip(f"torch.compile cannot build kernels on this machine: {err.__class__.__name__}: {err}"[:300])
+    loss, grads = loss_and_grads(model, BATCH)
     assert loss.item() == pytest.approx(expected[0].item(), abs=1e-5)
     for got, want in zip(grads, expected[1], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)

@@ -58,6 +58,7 @@ def plan_cpt(config: CPTConfig, world: WorldInfo) -> CPTPlan:
         zeroshot_tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None)
     fingerprints = {"data": manifest.fingerprint, "model": model_fingerprint(model_path)}
     invariants = {"global_batch": config.global_batch, "data.seq_len": config.data.seq_len}
+    fingerprints["teacher"] = None  # a distilled run resumed without its teacher is refused like another teacher
     if config.distill.teacher:
         teacher_path = check_teacher(config.distill.teacher, tokenizer)
         fingerprints["teacher"] = model_fingerprint(teacher_path)

@@ -19,7 +19,7 @@ Reported: median s/step after 3 warm-up steps, per round and pooled, the overhea
 against the 5% target (printed, never asserted; judged on the whole loop), the round-to-round
 spread of each loop as the noise floor of this machine, the trainer's own work between steps
 (whole loop - perf.step_s), and the training loss of both per step (same data and weights ->
-equal losses). Exits non-zero only if a run fails.
+equal losses), then the README's row. Exits non-zero if a run fails or the two loops' losses differ.
 """
 
 from __future__ import annotations
@@ -182,7 +182,8 @@ def median(runs: list[dict], key: str) -> float:
     return statistics.median(t for run in runs for t in after_warmup(run, key))
 
 
-def report(ours: list[dict], bare: list[dict], params: int) -> None:
+def report(ours: list[dict], bare: list[dict], params: int) -> bool:
+    """Prints the comparison and the README's row; whether both loops gave the same losses (same data and weights)."""
     print(f"CPT step time: {params / 1e6:.1f}M-parameter Llama (SmolLM2 vocabulary, tied), {RANKS} CPU "
           f"ranks x 1 thread, ZeRO-2, fp32, seq {SEQ_LEN}, micro-batch {MICRO_BATCH}, "
           f"global batch {GLOBAL_BATCH}; "
@@ -213,15 +214,27 @@ def report(ours: list[dict], bare: list[dict], params: int) -> None:
     print(f"  trainer work between steps (whole loop - perf.step_s: loss/flags all-reduce, grad norm, "
           f"metrics.jsonl, TensorBoard): median {statistics.median(outside) * 1e3:.1f} ms = "
           f"{statistics.median(outside) / median(ours, 'step_s'):.2%} of a step")
+    largest = 0.0
     for round_ in range(ROUNDS):
         a, b = ours[round_]["loss"], bare[round_]["loss"]
         diff = max(abs(x - y) for x, y in zip(a, b, strict=True))
+        largest = max(largest, diff)
         print(f"  round {round_ + 1} train loss step 1 -> {STEPS}: ours {a[0]:.4f} -> {a[-1]:.4f}, bare "
               f"{b[0]:.4f} -> {b[-1]:.4f}, largest per-step difference {diff:.1e}; process wall ours "
               f"{ours[round_]['elapsed']:.0f} s, bare {bare[round_]['elapsed']:.0f} s")
+    print("\nREADME row (Benchmarks table):\n| what | baseline | ours | ratio |\n| --- | --- | --- | --- |")
+    print(f"| CPT step time, {params / 1e6:.1f}M-param Llama, ZeRO-2, {RANKS} CPU ranks, seq {SEQ_LEN}, global batch "
+          f"{GLOBAL_BATCH} | bare DeepSpeed loop (same model, data, optimizer; no logging, checkpoints, eval): "
+          f"{median(bare, 'step_s'):.3f} s/step | {median(ours, 'loop_s'):.3f} s/step (whole loop) | "
+          f"{loop_overhead:+.0%}" + (f", within this machine's run-to-run noise ({max(spread):.0%} here)"
+                                       if abs(loop_overhead) <= max(spread) else "")
+          + f"; our own work between steps {statistics.median(outside) * 1e3:.1f} ms = "
+          f"{statistics.median(outside) / median(ours, 'step_s'):.2%} of a step; "
+          + ("losses identical |" if largest == 0 else f"LOSSES DIFFER by up to {largest:.1e} |"))
+    return largest == 0
 
 
-def main() -> None:
+def main() -> int:
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="shorten-bench-cpt-"))
     try:
@@ -230,10 +243,15 @@ def main() -> None:
         for round_ in range(ROUNDS):
             ours.append(run_ours(model, tokens, work / f"ours-{round_}"))
             bare.append(run_bare(model, tokens, work / f"bare-{round_}.json"))
-        report(ours, bare, params)
+        same_losses = report(ours, bare, params)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(f"benchmark wall time {time.perf_counter() - start:.0f} s")
+    if not same_losses:
+        print("error: the two loops trained the same model on the same data but their losses differ",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
@@ -247,4 +265,4 @@ if __name__ == "__main__":
     if args.bare:
         bare_loop(args.model, args.tokens, args.out)
     else:
-        main()
+        sys.exit(main())

@@ -3,8 +3,9 @@
 1. Tokenization throughput (tokens/s) against `datasets`: load_dataset("json") + map(batched=True,
    num_proc=N) with the same tokenizer on the same files, for 1 and 2 workers.
 2. Peak memory of tokenization on a corpus and on 4x that corpus (fresh process each, peak RSS).
-3. Loader delivery rate per rank (seq 2048, micro-batch 2) against what one H100 consumes
-   training a ~3B model (~20k tokens/s).
+3. Loader delivery rate per rank (seq 2048, micro-batch 2) against what one H100 consumes training the
+   paper's pruned LLaMA-7B shapes: derived, not measured (no GPU here), from PaLM's FLOPs per token
+   (training/throughput.py), the H100 SXM's dense bf16 peak and an assumed 45% MFU.
 4. Resume cost: building the loader and fetching the first batch at consumed samples 1e3 vs 1e7.
 5. Our pipeline (read, parse, tokenize, frame, write) against the bare tokenizer's own batch encoding
    of the same texts, one core each (the physical limit), and the projected time to tokenize
@@ -12,7 +13,11 @@
 6. SlimPajama-627B's shape without its tokens: a manifest and sparse shard files for 59,166 input
    files and 627e9 tokens (vocab 32k, uint16), as `prepare` would write them with the default shard
    size. Each simulated rank is a fresh process: loader construction, time to the first batch, peak
-   RSS, files and maps it holds (main process and DataLoader workers), for 1 and 64 ranks.
+   RSS, files and maps it holds (main process and DataLoader workers), for 1 and 64 ranks. The baseline,
+   a loader with one shard per input file and every shard mapped, is computed, not run.
+
+Each measured row ends up in a markdown table at the end, in the README's format (`| what | baseline |
+ours | ratio |`), ready to paste.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ from data.prepare import PrepareConfig, build_manifest, plan_shards, prepare  # 
 from data.shards import token_dtype  # noqa: E402
 from data.text import load_documents  # noqa: E402
 
+ROWS: list[str] = []  # the README table's rows this run measured
+
+
+def row(what: str, baseline: str, ours: str, ratio: str) -> None:
+    ROWS.append(f"| {what} | {baseline} | {ours} | {ratio} |")
+
 
 def write_corpus(directory: Path, copies: int, files: int = 4) -> list[Path]:
     docs = load_documents(str(text_path("books.jsonl"))) + load_documents("embedded:c4_demo.jsonl") + \
@@ -64,17 +75,22 @@ def ours(paths: list[Path], out: Path, workers: int) -> tuple[float, int]:
 
 
 def baseline(paths: list[Path], workers: int, cache: Path) -> tuple[float, int]:
+    """The same work as ours, timed the same way: load the tokenizer, read and parse the files, tokenize, write
+    the result to disk (datasets' Arrow cache, ours its shards). The tokens are counted after the clock stops,
+    from the Arrow column's list lengths (ours reads the count from its manifest)."""
     import datasets
+    import pyarrow.compute as pc
     from transformers import AutoTokenizer
 
     datasets.disable_progress_bars()
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     start = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
     dataset = datasets.load_dataset("json", data_files=[str(p) for p in paths], split="train", cache_dir=str(cache))
     tokenized = dataset.map(lambda batch: tokenizer(batch["text"]), batched=True, num_proc=workers if workers > 1 else None,
                             remove_columns=["text"])
-    tokens = sum(len(ids) for ids in tokenized["input_ids"])
-    return time.perf_counter() - start, tokens
+    seconds = time.perf_counter() - start
+    lengths = pc.list_value_length(tokenized.data.column("input_ids"))
+    return seconds, int(pc.sum(lengths).as_py())
 
 
 # A child's own peak: VmHWM (ru_maxrss can carry the parent's peak across fork + exec).
@@ -206,6 +222,7 @@ def held(pid):
 
 children = [held(c.pid) for c in psutil.Process().children()]
 maps, fds = held(os.getpid())
+batches.close()  # the loader shuts its workers down now, as a rank does at the end of its loop
 print(json.dumps({{"import_s": imported - start, "build_s": built - imported, "first_batch_s": first - imported,
                   "rss_mb": peak_rss_mb(),
                   "maps": maps, "fds": fds, "worker_maps": max([m for m, _ in children], default=0),
@@ -249,8 +266,10 @@ def scale_report(work: Path) -> None:
           f"64 validation sequences read; files/maps counted under the token directory")
     print(f"  {'ranks':>5} {'workers':>7} {'import s':>9} {'build s':>8} {'1st batch s (med/max)':>22} "
           f"{'peak RSS MB (max)':>18} {'maps':>5} {'fds':>4} {'worker maps/fds':>16} {'all fds':>8}")
+    measured = {}
     for world, workers in ((1, 0), (1, 2), (64, 0)):
         rows = simulate_ranks(work / "slimpajama-shape", world, workers)
+        measured[world, workers] = rows
         first = sorted(r["first_batch_s"] for r in rows)
         print(f"  {world:>5} {workers:>7} {max(r['import_s'] for r in rows):>9.2f} "
               f"{max(r['build_s'] for r in rows):>8.3f} {first[len(first) // 2]:>10.3f} / {first[-1]:<9.3f} "
@@ -259,6 +278,42 @@ def scale_report(work: Path) -> None:
               f"{max(r['worker_fds'] for r in rows):<7} {max(r['fd_total'] for r in rows):>8}")
     print("  (build = manifest parse + both splits + loader; 1st batch counts from after the imports; a DataLoader"
           " worker holds at most as many maps as the main process: max_open_shards=8 x 2 files)")
+    # The baseline is arithmetic, not a run: a loader that kept one shard per input file, every shard mapped.
+    per_file = SLIMPAJAMA_FILES * 2 * 2  # files x splits (train, validation) x (tokens, document offsets)
+    limit = Path("/proc/sys/vm/max_map_count").read_text().strip()
+    print(f"  baseline (computed, not run): one shard per input file, all mapped: {SLIMPAJAMA_FILES:,} files x 2 "
+          f"splits x 2 files = {per_file:,} open files and maps per rank (vm.max_map_count here: {limit})")
+    ranks, one = measured[64, 0], measured[1, 0][0]
+    first = sorted(r["first_batch_s"] for r in ranks)
+    row(f"loader at SlimPajama-627B's shape ({SLIMPAJAMA_FILES:,} inputs, {SLIMPAJAMA_TOKENS:.3g} tokens, sparse "
+        f"files; seq {SEQ_LEN}, global batch {GLOBAL_BATCH})",
+        f"one shard per input file, all mapped: {per_file:,} files and maps per rank (computed, not run; "
+        f"vm.max_map_count {limit})",
+        f"{len(shards)} shards; 64 ranks: first batch {first[len(first) // 2]:.2f} s median, {first[-1]:.2f} s max; "
+        f"peak RSS {max(r['rss_mb'] for r in ranks):.0f} MB; {one['fds']} files + {one['maps']} maps "
+        "(train + validation)", "O(1) in corpus size")
+
+
+H100_TFLOPS, ASSUMED_MFU = 989.4, 0.45  # H100 SXM dense bf16 (training/throughput.py); the README's MFU target
+LLAMA_7B_SHAPE = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, vocab_size=32000)
+
+
+def h100_appetite() -> dict[str, float]:
+    """Tokens/s one H100 consumes training the paper's pruned LLaMA-7B, 20% (26 blocks) and 80% (6 blocks,
+    the smallest recipe and so the hungriest): peak x MFU / (6 N + 12 L d s). Derived, never measured here."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from training.throughput import device_peak_tflops, flops_per_token
+
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3") == H100_TFLOPS
+    appetite = {}
+    for pruned, blocks in (("20%", 26), ("80%", 6)):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(LlamaConfig(**LLAMA_7B_SHAPE, num_hidden_layers=blocks))
+        appetite[f"LLaMA-7B pruned {pruned} ({blocks} blocks)"] = (H100_TFLOPS * 1e12 * ASSUMED_MFU /
+                                                                    flops_per_token(model, SEQ_LEN))
+    return appetite
 
 
 def pipeline_against_bare(paths: list[Path], out: Path, rounds: int = 2) -> tuple[float, int, float, int]:
@@ -294,6 +349,9 @@ def tokenizer_report(work: Path) -> None:
         hours = SLIMPAJAMA_TOKENS / (per_core * cores) / 3600
         print(f"  SlimPajama-627B projected on one {cores}-core node: {hours:,.0f} h; on 16 such nodes: "
               f"{hours / 16:,.1f} h (linear in cores, this tokenizer, this machine's per-core speed)")
+    row("tokenization pipeline, one core (read + parse + tokenize + frame + write)",
+        f"the bare tokenizer's batch encode of the same texts in memory: {bare_tokens / bare_s:,.0f} tokens/s",
+        f"{per_core:,.0f} tokens/s", f"{ours_s / bare_s * bare_tokens / ours_tokens:.2f}x")
 
 
 def main() -> None:
@@ -302,20 +360,28 @@ def main() -> None:
         paths = write_corpus(work / "corpus", copies=2)
         scale_report(work)
         tokenizer_report(work)
-        print("Tokenization, SmolLM2 tokenizer, real text (books, C4, Wikipedia)")
+        print("Tokenization, SmolLM2 tokenizer, real text (books, C4, Wikipedia); the same work on both sides: "
+              "tokenizer load, read, parse, tokenize, write to disk")
+        rates = {}
         for workers in (1, 2):
             ours_s, ours_tokens = ours(paths, work / f"ours-{workers}", workers)
             base_s, base_tokens = baseline(paths, workers, work / f"hf-cache-{workers}")
-            print(f"  {workers} worker(s): ours {ours_tokens / ours_s:>10,.0f} tokens/s   datasets.map "
-                  f"{base_tokens / base_s:>10,.0f} tokens/s   ratio {base_s / ours_s * ours_tokens / base_tokens:.2f}x")
-            if workers == 1:
-                single = ours_tokens / ours_s
-        print(f"  scaling 1 -> 2 workers (ours): {ours_tokens / ours_s / single:.2f}x")
+            rates[workers] = ours_tokens / ours_s, base_tokens / base_s
+            print(f"  {workers} worker(s): ours {rates[workers][0]:>10,.0f} tokens/s   datasets.map "
+                  f"{rates[workers][1]:>10,.0f} tokens/s   ratio {rates[workers][0] / rates[workers][1]:.2f}x")
+        scaling = rates[2][0] / rates[1][0]
+        print(f"  scaling 1 -> 2 workers (ours): {scaling:.2f}x")
+        row("tokenization, 1 worker", f'`datasets` load_dataset("json") + map(batched): {rates[1][1]:,.0f} tokens/s',
+            f"{rates[1][0]:,.0f} tokens/s", f"{rates[1][0] / rates[1][1]:.2f}x")
+        row("tokenization, 2 workers", f"`datasets` map(num_proc=2): {rates[2][1]:,.0f} tokens/s",
+            f"{rates[2][0]:,.0f} tokens/s", f"{rates[2][0] / rates[2][1]:.2f}x (ours scales {scaling:.2f}x from 1 to 2 "
+            "workers)")
 
         small = write_corpus(work / "mem-1x", copies=1, files=1)
         large = write_corpus(work / "mem-4x", copies=4, files=1)
         one, four = peak_memory(small, work / "mem-out-1"), peak_memory(large, work / "mem-out-4")
         print(f"Tokenization peak RSS: corpus {one:.0f} MB, 4x corpus {four:.0f} MB, ratio {four / one:.3f}")
+        row("tokenization peak RSS", f"corpus: {one:.0f} MB", f"4x corpus: {four:.0f} MB", f"{four / one:.2f}")
 
         dataset = PackedSequences(work / "ours-1", 2048)
         loader = iter(GlobalBatchLoader(dataset, global_batch=64, micro_batch=2, seed=0))
@@ -325,8 +391,17 @@ def main() -> None:
         for _ in range(batches):
             next(loader)
         rate = batches * 2 * 2048 / (time.perf_counter() - start)
-        print(f"Loader delivery per rank (seq 2048, micro 2, 0 workers): {rate:,.0f} tokens/s = "
-              f"{rate / 20_000:.0f}x what an H100 consumes training a ~3B model (~20k tokens/s)")
+        appetite = h100_appetite()
+        hungriest = max(appetite.values())
+        print(f"Loader delivery per rank (seq 2048, micro 2, 0 workers): {rate:,.0f} tokens/s")
+        for name, tokens_per_s in appetite.items():
+            print(f"  {rate / tokens_per_s:,.0f}x what one H100 consumes training {name}: ~{tokens_per_s:,.0f} tokens/s "
+                  f"(derived, not measured: {H100_TFLOPS} TFLOP/s x {ASSUMED_MFU:.0%} MFU (assumed) / PaLM FLOPs per "
+                  "token at seq 2048)")
+        row("loader delivery per rank (seq 2048, micro 2)",
+            f"one H100 training the 80%-pruned LLaMA-7B (6 blocks), the hungriest recipe: ~{hungriest:,.0f} tokens/s "
+            f"(derived: bf16 peak x {ASSUMED_MFU:.0%} MFU, assumed)", f"{rate:,.0f} tokens/s",
+            f"{rate / hungriest:,.0f}x headroom")
 
         def resume_cost(consumed: int) -> float:
             start = time.perf_counter()
@@ -337,8 +412,12 @@ def main() -> None:
         small_cost, large_cost = resume_cost(1_000 // 64 * 64), resume_cost(10_000_000 // 64 * 64)
         print(f"Resume cost: consumed 1e3 {small_cost * 1e3:.1f} ms, 1e7 {large_cost * 1e3:.1f} ms, "
               f"ratio {large_cost / small_cost:.2f}")
+        row("loader resume", f"consumed 1e3: {small_cost * 1e3:.1f} ms", f"consumed 1e7: {large_cost * 1e3:.1f} ms",
+            f"{large_cost / small_cost:.2f} (O(1))")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    print("\nREADME rows (Benchmarks table):\n| what | baseline | ours | ratio |\n| --- | --- | --- | --- |")
+    print("\n".join(ROWS))
 
 
 if __name__ == "__main__":

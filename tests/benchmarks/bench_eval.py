@@ -1,7 +1,9 @@
 """Benchmark of generation speed: the original SmolLM2-135M against its 20%-pruned version.
 
-The pruned model is SmolLM2 without blocks [4, 9, 12, 13, 14, 17, 18] of 30 (what our PPL criterion
-removes at 20%), made with pruning.layers.remove_blocks. Both are timed side by side in this run
+The pruned model comes from a prune run: by default this benchmark runs the pruning stage itself with
+the demo's recipe (configs/prune/smollm2_ppl_20.yaml: SmolLM2 by the PPL criterion, 20% of the
+parameters; about a minute here), or `--pruned DIR` times a checkpoint launch/prune.py wrote; the blocks
+it removed are read from its pruning_report.json. Both are timed side by side in this run
 with the paper's protocol (training.latency.measure_generation: batch 1, 12-token prompt, exactly
 128 new tokens, greedy with the KV cache, 10 warm-up + 20 timed runs), fp32, on the CPU (or the GPU
 when there is one), alternately (original, pruned, original, pruned) to spread the noise of a
@@ -15,16 +17,18 @@ Reported per model: mean latency (s), tokens/s, and the speed-up pruned/original
 to three references: the block ratio 30/23, the per-token decode FLOP ratio (2 x matmul parameters
 of the kept blocks + LM head, training.throughput.matmul_parameters) and the paper's figure for
 20%-pruned LLaMA-7B on an H100 (53.7 -> 66.0 tokens/s = 1.23x). Peak GPU memory on a GPU. Timings
-are printed, never asserted; exits non-zero only if a run fails.
+are printed, never asserted; exits non-zero only if a run fails. Ends with the README's row.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -35,35 +39,52 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # read when torch loads Ope
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
+from data.config import load_config  # noqa: E402
 from data.embedded import smollm2_path  # noqa: E402
-from pruning.layers import remove_blocks  # noqa: E402
+from pruning.config import PruneConfig  # noqa: E402
+from pruning.run import prune  # noqa: E402
 from training.latency import measure_generation  # noqa: E402
 from training.throughput import matmul_parameters  # noqa: E402
 
-DROP = [4, 9, 12, 13, 14, 17, 18]  # what the PPL criterion removes from SmolLM2-135M at 20%
+RECIPE = ROOT / "configs" / "prune" / "smollm2_ppl_20.yaml"  # the demo's pruning
 PROTOCOL = dict(batch_size=1, input_tokens=12, new_tokens=128, warmup=10, runs=20)
 PAPER_TOKENS_PER_S = (53.7, 66.0)  # LLaMA-7B original -> 20% pruned (PPL), H100, the paper's figure
 SECOND_ROUND_IF_FIRST_UNDER_S = 180.0
 
 
-def load(device: torch.device, drop: list[int] | None = None):
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32).eval()
-    if drop:
-        remove_blocks(model, drop)
-    return model.to(device)
+def load(device: torch.device, path: Path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().to(device)
+
+
+def pruned_checkpoint(given: Path | None, scratch: Path) -> tuple[Path, dict]:
+    """The pruned model to time and its pruning report: the one given, or the demo's pruning run now."""
+    if given is None:
+        start = time.perf_counter()
+        given = prune(load_config(PruneConfig, RECIPE, [f"output_dir={scratch / 'pruned'}"])).output_dir
+        print(f"  pruned with {RECIPE.relative_to(ROOT)} in {time.perf_counter() - start:.0f} s")
+    report = json.loads((Path(given) / "pruning_report.json").read_text())
+    if report["model"] not in ("embedded:smollm2-135m", str(smollm2_path())):
+        raise SystemExit(f"error: {given} was pruned from {report['model']}, not SmolLM2-135M")
+    return Path(given), report
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=None,
                         help="rounds of (original, pruned); default 2, or 1 if the first takes > 3 min")
+    parser.add_argument("--pruned", type=Path, default=None,
+                        help="a SmolLM2 checkpoint written by launch/prune.py (default: prune with "
+                             f"{RECIPE.relative_to(ROOT)} now)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path())
-    models = {"original": load(device), "pruned": load(device, DROP)}
+    with tempfile.TemporaryDirectory(prefix="shorten-bench-eval-") as scratch:
+        pruned_dir, report = pruned_checkpoint(args.pruned, Path(scratch))
+        models = {"original": load(device, smollm2_path()), "pruned": load(device, pruned_dir)}
+    drop, criterion = report["removed"], report["criterion"]
     blocks = {name: m.config.num_hidden_layers for name, m in models.items()}
     matmul = {name: matmul_parameters(m) for name, m in models.items()}
 
@@ -72,7 +93,8 @@ def main() -> None:
     print(f"Generation, SmolLM2-135M fp32 on {where}: batch {PROTOCOL['batch_size']}, "
           f"{PROTOCOL['input_tokens']} prompt tokens, {PROTOCOL['new_tokens']} new tokens "
           f"(greedy, KV cache), {PROTOCOL['warmup']} warm-up + {PROTOCOL['runs']} timed runs per measurement")
-    print(f"  pruned: blocks {DROP} removed ({blocks['original']} -> {blocks['pruned']} blocks)")
+    print(f"  pruned: blocks {drop} removed by {criterion} ({blocks['original']} -> {blocks['pruned']} blocks; "
+          f"{report['param_reduction']:.1%} fewer parameters)")
     print(f"  load average at start: {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
     results: dict[str, list[dict]] = {name: [] for name in models}
@@ -127,6 +149,14 @@ def main() -> None:
           f"{2 * matmul['pruned'] / 1e6:.0f}M) | {matmul['original'] / matmul['pruned']:.3f}x |")
     print(f"| paper, LLaMA-7B 20% pruned on an H100 ({PAPER_TOKENS_PER_S[0]} -> {PAPER_TOKENS_PER_S[1]} "
           f"tokens/s) | {paper:.3f}x |")
+    print("\nREADME row (Benchmarks table):\n| what | baseline | ours | ratio |\n| --- | --- | --- | --- |")
+    print(f"| generation, SmolLM2-135M fp32 {'GPU' if device.type == 'cuda' else 'CPU'}, paper protocol "
+          f"({PROTOCOL['input_tokens']} in, {PROTOCOL['new_tokens']} out, bs {PROTOCOL['batch_size']}, "
+          f"{PROTOCOL['warmup']} + {PROTOCOL['runs']} runs, {round_no} round(s)) | original, {blocks['original']} "
+          f"blocks: {speed['original']:.2f} tokens/s | pruned by {criterion.upper()} ({report['param_reduction']:.1%} of "
+          f"the parameters, blocks {drop}), {blocks['pruned']} blocks: {speed['pruned']:.2f} tokens/s | {measured:.2f}x (block ratio "
+          f"{blocks['original'] / blocks['pruned']:.2f}x, decode FLOP ratio {matmul['original'] / matmul['pruned']:.2f}x; "
+          f"the paper's LLaMA-7B on H100: {paper:.2f}x) |")
 
 
 if __name__ == "__main__":
