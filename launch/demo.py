@@ -29,7 +29,7 @@ from data.embedded import resolve_model
 from data.prepare import PrepareConfig
 from data.prepare import prepare as prepare_data
 from pruning.config import PruneConfig
-from training.eval_config import EvalConfig
+from training.evaluation.config import EvalConfig
 
 
 @dataclass
@@ -98,7 +98,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from pruning.run import prune
-    from training.evaluate import evaluate_models
+    from training.evaluation.run import evaluate_models
 
     torch.manual_seed(0)
     stage = config.output_root / "pruned-ppl-20"

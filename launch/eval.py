@@ -14,12 +14,12 @@ from __future__ import annotations
 import sys
 
 from data.cli import cli_config, run_main
-from training.eval_config import EvalConfig
+from training.evaluation.config import EvalConfig
 
 
 def main(argv: list[str]) -> int:
     config = cli_config(EvalConfig, __doc__, argv)
-    from training.evaluate import evaluate_models
+    from training.evaluation.run import evaluate_models
 
     output = evaluate_models(config)
     print((output / "results.md").read_text())

@@ -20,11 +20,11 @@ from data.embedded import CLOZE_TASK, tasks_path
 from data.text import TextSourceError
 from pruning.layers import remove_blocks
 from tests.fixtures import ROOT
-from training.eval_config import EvalConfig
-from training.evaluate import evaluate_models, load_texts, markdown_table
-from training.latency import measure_generation
-from training.perplexity import perplexity, segment_stream
-from training.zeroshot import ShardedLM, TaskUnavailableError, load_tasks, run_tasks
+from training.evaluation.config import EvalConfig
+from training.evaluation.latency import measure_generation
+from training.evaluation.perplexity import perplexity, segment_stream
+from training.evaluation.run import evaluate_models, load_texts, markdown_table
+from training.evaluation.zeroshot import ShardedLM, TaskUnavailableError, load_tasks, run_tasks
 
 LIMIT = 40
 

@@ -100,7 +100,7 @@ def test_a_lora_checkpoint_exports_and_evaluates_like_a_cpt_one(uninterrupted, t
     assert exported.keys() == merged.keys()
     for name, tensor in merged.items():
         assert torch.allclose(exported[name], tensor, atol=1e-6), name
-    from training.evaluate import resolve_checkpoint
+    from training.evaluation.run import resolve_checkpoint
 
     evaluated = resolve_checkpoint(str(checkpoint), tmp_path / "scratch")
     assert AutoModelForCausalLM.from_pretrained(evaluated).config.num_hidden_layers > 0

@@ -2,7 +2,7 @@
 
 The pruned model is SmolLM2 without blocks [4, 9, 12, 13, 14, 17, 18] of 30 (what our PPL criterion
 removes at 20%), made with pruning.layers.remove_blocks. Both are timed side by side in this run
-with the paper's protocol (training.latency.measure_generation: batch 1, 12-token prompt, exactly
+with the paper's protocol (training.evaluation.latency.measure_generation: batch 1, 12-token prompt, exactly
 128 new tokens, greedy with the KV cache, 10 warm-up + 20 timed runs), fp32, on the CPU (or the GPU
 when there is one), alternately (original, pruned, original, pruned) to spread the noise of a
 shared machine. The second round is skipped when the first took over 3 minutes (the whole run
@@ -37,7 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from data.embedded import smollm2_path  # noqa: E402
 from pruning.layers import remove_blocks  # noqa: E402
-from training.latency import measure_generation  # noqa: E402
+from training.evaluation.latency import measure_generation  # noqa: E402
 from training.throughput import matmul_parameters  # noqa: E402
 
 DROP = [4, 9, 12, 13, 14, 17, 18]  # what the PPL criterion removes from SmolLM2-135M at 20%

@@ -25,12 +25,12 @@ from data.precision import resolve_device, resolve_precision, torch_dtype
 from data.text import TextSourceError, load_documents
 from pruning.layers import count_parameters
 from training.checkpoint import METADATA
-from training.eval_config import EvalConfig, ModelEntry, PerplexitySection
+from training.evaluation.config import EvalConfig, ModelEntry, PerplexitySection
+from training.evaluation.latency import measure_generation
+from training.evaluation.perplexity import perplexity, segment_stream
+from training.evaluation.zeroshot import load_tasks, run_tasks, starts_with_bos
 from training.export import export_checkpoint
-from training.latency import measure_generation
-from training.perplexity import perplexity, segment_stream
 from training.preflight import check_model_path
-from training.zeroshot import load_tasks, run_tasks, starts_with_bos
 
 # --- the stage ---------------------------------------------------------------------------------
 
