@@ -23,7 +23,8 @@ from tests.fixtures import ROOT
 from training.evaluation.config import EvalConfig
 from training.evaluation.latency import measure_generation
 from training.evaluation.perplexity import perplexity, segment_stream
-from training.evaluation.run import evaluate_models, load_texts, markdown_table
+from training.evaluation.run import evaluate_models, load_texts
+from training.evaluation.tables import markdown_table
 from training.evaluation.zeroshot import ShardedLM, TaskUnavailableError, load_tasks, run_tasks
 
 LIMIT = 40
@@ -124,9 +125,9 @@ def test_perplexity_text_from_a_local_parquet_in_the_hub_format(tmp_path, tokeni
 def test_latency_follows_the_protocol(tiny_model_dirs, tokenizer):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dirs["llama"]).eval()
     result = measure_generation(model, tokenizer, batch_size=2, input_tokens=12, new_tokens=16, warmup=1, runs=2)
-    assert (result["batch_size"], result["new_tokens"], result["runs"]) == (2, 16, 2)
-    assert result["tokens_per_s"] == pytest.approx(2 * 16 / result["latency_s"])
-    assert result["peak_memory_gb"] is None  # no GPU here
+    assert (result["batch_size"], result["new_tokens"], result["runs"], result["status"]) == (2, 16, 2, "ok")
+    assert result["tokens_per_s"] == pytest.approx(sum(2 * 16 / t for t in result["times_s"]) / 2)  # th_mean
+    assert result["memory"] == "peak resident memory of the process" and result["peak_memory_gb"] > 0  # CPU
 
 
 def test_eval_stage_writes_results_and_a_side_by_side_table(tmp_path, tiny_model_dirs, wiki_path):
@@ -138,7 +139,7 @@ def test_eval_stage_writes_results_and_a_side_by_side_table(tmp_path, tiny_model
     (pruned / "tokenizer_config.json").write_bytes((original / "tokenizer_config.json").read_bytes())
     common = ["zeroshot.tasks=[wiki_cloze]", "zeroshot.include_path=embedded:tasks", "zeroshot.limit=8",
               f"perplexity.sets=[{{name: wiki, source: {wiki_path}}}]", "perplexity.max_segments=4",
-              "latency.warmup=1", "latency.runs=1", "latency.new_tokens=4"]
+              "latency.warmup=1", "latency.runs=1", "latency.new_tokens=[4]"]
     first = subprocess.run([sys.executable, str(ROOT / "launch" / "eval.py"), f"model={original}",
                             f"output_dir={tmp_path / 'a'}", *common], capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -163,7 +164,8 @@ def test_table_reports_the_papers_metric_per_task():
     rows = [{"name": "m", "params": 5.5e9, "blocks": 26, "perplexity": {"wikitext2@128": 17.7},
              "zeroshot": {"tasks": {"hellaswag": {"metric": "acc_norm", "value": 0.704},
                                     "boolq": {"metric": "acc", "value": 0.727}}, "average": 0.7155},
-             "latency": [{"batch_size": 1, "latency_s": 1.9, "tokens_per_s": 66.0, "peak_memory_gb": 11.2}]}]
+             "latency": [{"batch_size": 1, "new_tokens": 128, "latency_s": 1.9, "tokens_per_s": 66.0,
+                          "peak_memory_gb": 11.2}]}]
     table = markdown_table(rows)
     assert "hellaswag (acc_norm)" in table and "boolq (acc)" in table and "peak GPU GB" in table
     assert "| m | 5,500.0M | 26 | 17.70 | 70.4 | 72.7 | 71.5 | 1.900 | 66.0 | 11.20 |" in table
@@ -191,6 +193,7 @@ def test_paper_eval_config_reaches_lm_eval_with_its_bos_setting(add_bos_token, t
     config = load_config(EvalConfig, ROOT / "configs" / "eval" / "paper.yaml", [
         f"model={model_dir}", f"output_dir={tmp_path / 'out'}", "dtype=fp32", "zeroshot.tasks=[wiki_cloze]",
         "zeroshot.include_path=embedded:tasks", "zeroshot.limit=2", "perplexity.sets=[]", "latency.batch_sizes=[]",
+        "samples.prompts=[]",
         f"zeroshot.add_bos_token={add_bos_token}"])
     results = json.loads((evaluate_models(config) / "results.json").read_text())
     with_bos = add_bos_token == "null"

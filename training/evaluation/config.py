@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -50,15 +51,81 @@ class PerplexitySection:
     }
 
 
+OFFICIAL_PROMPT = "The Leaning Tower of Pisa is known for"  # the official gen_batch_eval_time.py's
+
+
+@dataclass
+class SamplingSection:
+    do_sample: bool = False
+    top_k: int = 50
+    top_p: float = 0.95
+    temperature: float = 1.0
+    seed: int = 1234
+
+    __field_docs__ = {"do_sample": "false: greedy; true: top-k/top-p sampling (the official scripts' 50/0.95/1.0)",
+                      "seed": "torch.manual_seed before each measurement or prompt"}
+
+    def generate_kwargs(self) -> dict:
+        if not self.do_sample:
+            return {"do_sample": False}
+        return {"do_sample": True, "top_k": self.top_k, "top_p": self.top_p, "temperature": self.temperature}
+
+
 @dataclass
 class LatencySection:
     batch_sizes: list[int] = field(default_factory=lambda: [1])
-    input_tokens: int = 12
-    new_tokens: int = 128
+    new_tokens: list[int] = field(default_factory=lambda: [128])
+    input_tokens: int | None = 12
+    prompt: str = OFFICIAL_PROMPT
     warmup: int = 10
     runs: int = 20
+    sampling: SamplingSection = field(default_factory=lambda: SamplingSection(do_sample=True))
+    memory_limit_gb: float | None = None
+    max_batch: bool = False
+    max_batch_cap: int = 1024
 
-    __field_docs__ = {"batch_sizes": "one measurement per batch size; [] skips latency"}
+    __field_docs__ = {
+        "batch_sizes": "the batch sizes M of the grid; [] skips latency",
+        "new_tokens": "the output lengths L of the grid (forced: exactly L new tokens)",
+        "input_tokens": "the prompt's ids (special tokens included) repeated or cut to this many; null: the "
+                        "prompt as tokenized (the official script's way)",
+        "sampling": "how tokens are chosen; default as the official script (top-k 50, top-p 0.95, seed 1234)",
+        "memory_limit_gb": "a cell over it counts as out of memory: on a GPU the allocator is capped (a smaller "
+                           "card), on a CPU a lower-bound estimate or the measured peak RSS over it",
+        "max_batch": "search the largest batch that fits per L (needs memory_limit_gb on a CPU)",
+        "max_batch_cap": "the search stops here",
+    }
+
+    def validate(self) -> None:
+        if any(n < 1 for n in self.new_tokens) or (self.input_tokens is not None and self.input_tokens < 1):
+            raise ConfigError("latency.new_tokens and latency.input_tokens must be >= 1")
+        if self.warmup < 0 or self.runs < 1 or self.max_batch_cap < 1:
+            raise ConfigError("latency.warmup must be >= 0, latency.runs and latency.max_batch_cap >= 1")
+        if self.memory_limit_gb is not None and self.memory_limit_gb <= 0:
+            raise ConfigError(f"latency.memory_limit_gb must be > 0, got {self.memory_limit_gb}")
+        if self.max_batch and not (self.batch_sizes and self.new_tokens):
+            raise ConfigError("latency.max_batch=true searches per output length: set latency.batch_sizes and "
+                              "latency.new_tokens too")
+
+    def check_device(self, device: str) -> None:
+        """What a CPU cannot do (called again once `device=auto` is resolved, before any model loads)."""
+        if device == "cpu" and self.max_batch and self.memory_limit_gb is None:
+            raise ConfigError("latency.max_batch=true on a CPU needs latency.memory_limit_gb: a CPU out of memory "
+                              "is the kernel killing the process, not an error the search can record")
+        physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
+        if device == "cpu" and self.memory_limit_gb and physical and self.memory_limit_gb > physical:
+            raise ConfigError(f"latency.memory_limit_gb={self.memory_limit_gb} is more than this machine's "
+                              f"{physical:.1f} GiB: a cell over the machine's memory is killed, not recorded")
+
+
+@dataclass
+class SamplesSection:
+    prompts: list[str] = field(default_factory=list)
+    max_new_tokens: int = 64
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+
+    __field_docs__ = {"prompts": "each model's continuation of each, side by side in results.md; [] skips",
+                      "sampling": "greedy by default; do_sample=true samples as the official demo"}
 
 
 @dataclass
@@ -73,6 +140,7 @@ class EvalConfig:
     zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
     perplexity: PerplexitySection = field(default_factory=PerplexitySection)
     latency: LatencySection = field(default_factory=LatencySection)
+    samples: SamplesSection = field(default_factory=SamplesSection)
 
     __field_docs__ = {
         "model": "one model to evaluate (HF checkpoint, hub name, embedded:smollm2-135m, or <run>/checkpoints/step_N)",
@@ -95,3 +163,6 @@ class EvalConfig:
                 raise ConfigError(f"compare: {path} does not exist (give results.json files of earlier evaluations)")
         if any(n < 2 for n in self.perplexity.seq_lens) or any(b < 1 for b in self.latency.batch_sizes):
             raise ConfigError("perplexity.seq_lens must be >= 2 and latency.batch_sizes >= 1")
+        self.latency.check_device(self.device)
+        if self.samples.max_new_tokens < 1:
+            raise ConfigError(f"samples.max_new_tokens must be >= 1, got {self.samples.max_new_tokens}")

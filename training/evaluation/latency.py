@@ -1,9 +1,13 @@
-"""Generation latency and throughput, measured as the paper measures them (after FlexGen).
+"""Generation latency, throughput and peak memory of one cell (batch size M, output length L),
+measured as the paper and its official `gen_batch_eval_time.py` measure them (after FlexGen).
 
-Given a batch size M and an output length L: the latency T is the time to take the prompts
-(12 tokens each) and produce M x L new tokens, generation forced to exactly L tokens (no early
-stop at EOS), greedy, with the KV cache; throughput = M L / T. The mean over 20 timed runs after
-10 warm-up runs is reported, with the peak GPU memory of the timed runs on a GPU.
+The latency T is the time to take M prompts of 12 tokens and produce M x L new tokens, generation
+forced to exactly L tokens (no early stop at EOS), with the KV cache; by default sampling with
+top-k 50, top-p 0.95 and temperature 1 from seed 1234, as the official script (`sampling.do_sample=false`:
+greedy). Reported: the mean and standard deviation of T over the timed runs after the warm-up runs,
+the throughput as the mean of M L / T over those runs (the official script's `th_mean`), and the peak
+memory of the cell (see memory.py). A cell that runs out of memory returns status "oom" instead of
+raising.
 """
 
 from __future__ import annotations
@@ -14,16 +18,25 @@ import time
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-PROMPT = ("The history of the city begins in the early Middle Ages, when merchants from the coast "
-          "settled along the river and built the first stone bridge.")
+from training.evaluation.config import OFFICIAL_PROMPT, SamplingSection
+from training.evaluation.memory import GIB, MemoryMeter, kv_cache_bytes
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, input_tokens: int) -> torch.Tensor:
-    """Exactly `input_tokens` ids of real text (the prompt repeated as needed)."""
-    ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    while len(ids) < input_tokens:
-        ids = ids + ids
-    return torch.tensor(ids[:input_tokens])
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, input_tokens: int | None, prompt: str = OFFICIAL_PROMPT
+               ) -> torch.Tensor:
+    """The prompt as the tokenizer encodes it (special tokens included, as the official script), then
+    repeated or cut to exactly `input_tokens` ids when that is set."""
+    ids = tokenizer(prompt)["input_ids"]
+    if input_tokens is not None:
+        body = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        while len(ids) < input_tokens:
+            ids = ids + body
+        ids = ids[:input_tokens]
+    return torch.tensor(ids)
+
+
+def pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _synchronize(device: torch.device) -> None:
@@ -33,28 +46,43 @@ def _synchronize(device: torch.device) -> None:
 
 @torch.no_grad()
 def measure_generation(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int = 1,
-                       input_tokens: int = 12, new_tokens: int = 128, warmup: int = 10, runs: int = 20) -> dict:
+                       input_tokens: int | None = 12, new_tokens: int = 128, warmup: int = 10, runs: int = 20, *,
+                       prompt: str = OFFICIAL_PROMPT, sampling: SamplingSection | None = None,
+                       meter: MemoryMeter | None = None) -> dict:
+    """One cell; `sampling=None` is greedy, `meter=None` measures memory on the model's device, no limit."""
     device = next(model.parameters()).device
-    inputs = prompt_ids(tokenizer, input_tokens).repeat(batch_size, 1).to(device)
-    attention = torch.ones_like(inputs)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
-                   pad_token_id=pad, attention_mask=attention)
-    for _ in range(warmup):
-        model.generate(inputs, **options)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    meter = meter or MemoryMeter(device)
+    sampling = sampling or SamplingSection(do_sample=False)
+    inputs = prompt_ids(tokenizer, input_tokens, prompt).repeat(batch_size, 1).to(device)
+    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,
+                   pad_token_id=pad_token_id(tokenizer), attention_mask=torch.ones_like(inputs),
+                   **sampling.generate_kwargs())
+    cell = {"batch_size": batch_size, "input_tokens": inputs.shape[1], "new_tokens": new_tokens, "warmup": warmup,
+            "runs": runs, "do_sample": sampling.do_sample, "memory": meter.kind}
+    needed = kv_cache_bytes(model.config, batch_size, inputs.shape[1] + new_tokens - 1,
+                            model.get_input_embeddings().weight.dtype)
+    torch.manual_seed(sampling.seed)
     times = []
-    for _ in range(runs):
-        _synchronize(device)
-        started = time.perf_counter()
-        output = model.generate(inputs, **options)
-        _synchronize(device)
-        times.append(time.perf_counter() - started)
-        if output.shape[1] - input_tokens != new_tokens:
-            raise RuntimeError(f"generation stopped after {output.shape[1] - input_tokens} of {new_tokens} tokens")
-    latency = statistics.fmean(times)
-    return {"batch_size": batch_size, "input_tokens": input_tokens, "new_tokens": new_tokens, "warmup": warmup,
-            "runs": runs, "latency_s": latency, "latency_stdev_s": statistics.pstdev(times),
-            "tokens_per_s": batch_size * new_tokens / latency,
-            "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+    try:
+        meter.reset()
+        meter.check(needed)
+        for run in range(warmup + runs):
+            _synchronize(device)
+            started = time.perf_counter()
+            output = model.generate(inputs, **options)
+            _synchronize(device)
+            if run >= warmup:
+                times.append(time.perf_counter() - started)
+            meter.check()
+            if output.shape[1] - inputs.shape[1] != new_tokens:
+                raise RuntimeError(f"generation stopped after {output.shape[1] - inputs.shape[1]} of {new_tokens} tokens")
+    except torch.OutOfMemoryError as err:
+        reason = str(err).splitlines()[0][:300]
+    else:
+        peak = meter.peak()
+        return {**cell, "status": "ok", "latency_s": statistics.fmean(times),
+                "latency_stdev_s": statistics.pstdev(times),
+                "tokens_per_s": statistics.fmean(batch_size * new_tokens / t for t in times), "times_s": times,
+                "peak_memory_gb": None if peak is None else peak / GIB}
+    meter.release()
+    return {**cell, "status": "oom", "oom": reason}
