@@ -70,34 +70,40 @@ def _draw(ax, rows: list[dict], new_tokens: int, x_key: str, y_key: str, label_m
     ax.legend(fontsize=8)
 
 
-def latency_throughput_figure(rows: list[dict]) -> Figure | None:
-    """Figure 7: throughput (tokens/s) against latency (s) per L; markers are batch sizes."""
+def _per_length(rows: list[dict], title: str, x_key: str, y_key: str, xlabel: str, ylabel: str,
+                label_markers: bool) -> Figure | None:
+    """One panel per output length L, each model's cells drawn as `y_key` against `x_key`."""
     rows = _measured(rows)
     if not rows:
         return None
     lengths = _lengths(rows)
-    figure, axes = _panels(len(lengths), "Latency-throughput trade-off (dotted: only this model fits)")
+    figure, axes = _panels(len(lengths), title)
     for ax, new_tokens in zip(axes, lengths, strict=True):
-        _draw(ax, rows, new_tokens, "latency_s", "tokens_per_s", label_markers=True)
-        ax.set(title=f"L = {new_tokens}", xlabel="latency (s)", ylabel="throughput (tokens/s)")
-    figure.tight_layout()
+        _draw(ax, rows, new_tokens, x_key, y_key, label_markers)
+        ax.set(title=f"L = {new_tokens}", xlabel=xlabel, ylabel=ylabel)
+    return figure
+
+
+def latency_throughput_figure(rows: list[dict]) -> Figure | None:
+    """Figure 7: throughput (tokens/s) against latency (s) per L; markers are batch sizes."""
+    figure = _per_length(rows, "Latency-throughput trade-off (dotted: only this model fits)", "latency_s",
+                         "tokens_per_s", "latency (s)", "throughput (tokens/s)", label_markers=True)
+    if figure is not None:
+        figure.tight_layout()
     return figure
 
 
 def latency_by_batch_figure(rows: list[dict]) -> Figure | None:
     """Figure 2 (bottom): latency (s) against batch size M, one panel per L."""
-    rows = _measured(rows)
-    if not rows:
+    figure = _per_length(rows, "Latency by batch size (dotted: only this model fits)", "batch_size", "latency_s",
+                         "batch size M", "latency (s)", label_markers=False)
+    if figure is None:
         return None
-    lengths = _lengths(rows)
-    figure, axes = _panels(len(lengths), "Latency by batch size (dotted: only this model fits)")
-    for ax, new_tokens in zip(axes, lengths, strict=True):
-        _draw(ax, rows, new_tokens, "batch_size", "latency_s", label_markers=False)
-        batch_sizes = sorted({c["batch_size"] for r in rows for c in r["latency"] if c["new_tokens"] == new_tokens})
+    batch_sizes = sorted({c["batch_size"] for r in _measured(rows) for c in r["latency"] if ok(c)})
+    for ax in figure.axes:
         ax.set_xscale("log", base=2)
         ax.set_xticks(batch_sizes, [str(m) for m in batch_sizes])
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.set(title=f"L = {new_tokens}", xlabel="batch size M", ylabel="latency (s)")
     figure.tight_layout()
     return figure
 
