@@ -108,12 +108,14 @@ class LatencySection:
                               "latency.new_tokens too")
 
     def check_device(self, device: str) -> None:
-        """What a CPU cannot do (called again once `device=auto` is resolved, before any model loads)."""
-        if device == "cpu" and self.max_batch and self.memory_limit_gb is None:
+        """What a CPU cannot do (checked again once `device=auto` is resolved, before any model loads)."""
+        if device != "cpu":
+            return
+        if self.max_batch and self.memory_limit_gb is None:
             raise ConfigError("latency.max_batch=true on a CPU needs latency.memory_limit_gb: a CPU out of memory "
                               "is the kernel killing the process, not an error the search can record")
         physical = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 if hasattr(os, "sysconf") else None
-        if device == "cpu" and self.memory_limit_gb and physical and self.memory_limit_gb > physical:
+        if self.memory_limit_gb and physical and self.memory_limit_gb > physical:
             raise ConfigError(f"latency.memory_limit_gb={self.memory_limit_gb} is more than this machine's "
                               f"{physical:.1f} GiB: a cell over the machine's memory is killed, not recorded")
 
