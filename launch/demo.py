@@ -8,8 +8,8 @@ continues pretraining the pruned model for a few steps with 2 DeepSpeed processe
 tunes it with LoRA on the Alpaca sample (`lora=false` skips it), and evaluates the original,
 pruned and retrained models side by side: parameters, blocks, held-out
 wiki perplexity (the paper's protocol), zero-shot accuracy on a cloze task cut from held-out
-Wikipedia text (lm-eval), generation latency (the paper's protocol, fewer runs), and a greedy
-continuation each.
+Wikipedia text (lm-eval), generation latency and peak memory (the paper's protocol, fewer runs),
+and a greedy continuation each (the eval recipe's `samples`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from data.embedded import resolve_model
 from data.prepare import PrepareConfig
 from data.prepare import prepare as prepare_data
 from pruning.config import PruneConfig
-from training.eval_config import EvalConfig
+from training.evaluation.config import EvalConfig
 
 
 @dataclass
@@ -42,20 +42,6 @@ class DemoConfig:
     lora_recipe: Path = Path("configs/lora/smollm2_demo.yaml")
     eval_recipe: Path = Path("configs/eval/demo.yaml")
     output_root: Path = Path("outputs/demo")
-    prompt: str = "The Leaning Tower of Pisa is known for"
-    new_tokens: int = 24
-
-
-def continuation(model_dir: Path, prompt: str, new_tokens: int) -> str:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        output = model.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    return tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True).replace("\n", " ").strip()
 
 
 def run_stage(command: list[str], run_dir: Path) -> None:
@@ -99,7 +85,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from pruning.run import prune
-    from training.evaluate import evaluate_models
+    from training.evaluation.run import evaluate_models
 
     torch.manual_seed(0)
     stage = config.output_root / "pruned-ppl-20"
@@ -126,15 +112,13 @@ def main(argv: list[str]) -> int:
         print(f"== 3b/4 LoRA on the Alpaca sample after CPT: {config.lora_recipe}")
         models["pruned + CPT + LoRA"] = lora(config, retrained_dir)
 
-    print(f"== 4/4 evaluate: {config.eval_recipe} (zero-shot cloze on held-out Wikipedia, perplexity, latency)")
+    print(f"== 4/4 evaluate: {config.eval_recipe} (zero-shot cloze on held-out Wikipedia, perplexity, latency, samples)")
     entries = ", ".join(f"{{name: '{name}', path: '{path}'}}" for name, path in models.items())
     eval_config = load_config(EvalConfig, config.eval_recipe, [f"models=[{entries}]", "overwrite=true",
                                                                f"output_dir={config.output_root / 'eval'}"])
     results = evaluate_models(eval_config)
     print()
     print((results / "results.md").read_text())
-    for name, path in models.items():
-        print(f"{name}: {config.prompt} ... {continuation(path, config.prompt, config.new_tokens)[:80]}")
     print()
     print(f"results:    {results / 'results.json'}")
     print("\n".join(result.artifact_lines()))

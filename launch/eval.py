@@ -5,8 +5,12 @@
       {name: pruned, path: outputs/vicuna7b_ppl_20}]'
   python launch/eval.py compare='[outputs/eval-a/results.json, outputs/eval-b/results.json]' output_dir=outputs/table
 
-Writes results.json (per model: fingerprint, parameters, every score; the settings and library
-versions) and results.md (one table, models side by side) to output_dir.
+  python launch/eval.py --config configs/eval/paper_efficiency.yaml models='[...]'   # the M x L grid, OOM frontier
+
+Writes results.json (per model: fingerprint, parameters, every score, every latency/memory cell; the
+settings and library versions), results.md (the models side by side: the main table, the latency and
+memory grids, the largest batch per L, the samples) and the plots (latency_throughput.png,
+latency_by_batch.png) to output_dir.
 """
 
 from __future__ import annotations
@@ -14,16 +18,18 @@ from __future__ import annotations
 import sys
 
 from data.cli import cli_config, run_main
-from training.eval_config import EvalConfig
+from training.evaluation.config import EvalConfig
 
 
 def main(argv: list[str]) -> int:
     config = cli_config(EvalConfig, __doc__, argv)
-    from training.evaluate import evaluate_models
+    from training.evaluation.run import evaluate_models
 
     output = evaluate_models(config)
     print((output / "results.md").read_text())
     print(f"results: {output / 'results.json'}")
+    for plot in sorted(output.glob("*.png")):
+        print(f"plot:    {plot}")
     return 0
 
 

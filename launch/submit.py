@@ -48,7 +48,7 @@ STAGES = {"prune": Stage("prune.py", "pruning.config:PruneConfig"),
           "prepare_data": Stage("prepare_data.py", "data.prepare:PrepareConfig"),
           "cpt": Stage("cpt.py", "training.config:CPTConfig"),
           "lora": Stage("lora.py", "training.config:LoRAConfig"),
-          "eval": Stage("eval.py", "training.eval_config:EvalConfig"),
+          "eval": Stage("eval.py", "training.evaluation.config:EvalConfig"),
           "quantize": Stage("quantize.py", "training.quantization.config:QuantizeConfig")}
 REQUEUED_STAGES = ("cpt", "lora")
 

@@ -137,7 +137,7 @@ def one_process_zeroshot(inputs) -> tuple[float, dict[tuple, tuple[float, bool]]
     """wiki_cloze scored on the starting model by one process, through the same evaluation the trainer runs:
     the accuracy and every request's log-likelihood."""
     from data.embedded import CLOZE_TASK, resolve_tasks
-    from training.zeroshot import ShardedLM, ZeroShotEvaluation, load_tasks
+    from training.evaluation.zeroshot import ShardedLM, ZeroShotEvaluation, load_tasks
 
     model = AutoModelForCausalLM.from_pretrained(inputs["model"]).eval()
     scored = {}
@@ -367,7 +367,8 @@ def test_exported_checkpoint_has_the_engines_logits_and_offline_export_matches(i
     for name in at_end:
         assert torch.equal(from_checkpoint[name], at_end[name]), name
     assert json.loads((offline / "export_info.json").read_text())["step"] == 3
-    from training.evaluate import resolve_checkpoint  # launch/eval.py takes a training checkpoint as a model
+    # launch/eval.py takes a training checkpoint as a model
+    from training.evaluation.run import resolve_checkpoint
 
     exported = resolve_checkpoint(str(run_dir / "checkpoints" / tag_for(3)), tmp_path / "scratch")
     assert torch.equal(load_file(Path(exported) / "model.safetensors")[next(iter(at_end))], next(iter(at_end.values())))

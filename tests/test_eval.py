@@ -21,11 +21,12 @@ from data.embedded import CLOZE_TASK, tasks_path
 from data.text import TextSourceError
 from pruning.layers import remove_blocks
 from tests.fixtures import ROOT, SMOLLM2_PPL_20_REMOVED
-from training.eval_config import EvalConfig
-from training.evaluate import evaluate_models, load_texts, markdown_table
-from training.latency import measure_generation
-from training.perplexity import perplexity, segment_stream
-from training.zeroshot import ShardedLM, TaskUnavailableError, load_tasks, run_tasks
+from training.evaluation.config import EvalConfig
+from training.evaluation.latency import measure_generation
+from training.evaluation.perplexity import perplexity, segment_stream
+from training.evaluation.run import evaluate_models, load_texts
+from training.evaluation.tables import markdown_table
+from training.evaluation.zeroshot import ShardedLM, TaskUnavailableError, load_tasks, run_tasks
 
 LIMIT = 40
 
@@ -143,9 +144,11 @@ def test_latency_follows_the_protocol(tiny_model_dirs, tokenizer, monkeypatch):
     result = measure_generation(model, tokenizer, batch_size=2, input_tokens=12, new_tokens=16, warmup=1, runs=3)
     assert calls == [((2, 12), (2, 12 + 16), 2 * 12)] * 4  # no early stop at EOS: exactly 16 new tokens each
     assert result["latency_s"] == pytest.approx(1.0) and result["latency_stdev_s"] == pytest.approx((2 / 3) ** 0.5 / 2)
-    assert result["tokens_per_s"] == pytest.approx(2 * 16 / 1.0)
+    assert result["times_s"] == pytest.approx([0.5, 1.5, 1.0])
+    assert result["tokens_per_s"] == pytest.approx((32 / 0.5 + 32 / 1.5 + 32 / 1.0) / 3)  # th_mean: mean of runs' rates
     assert (result["batch_size"], result["input_tokens"], result["new_tokens"], result["runs"]) == (2, 12, 16, 3)
-    assert result["peak_memory_gb"] is None  # no GPU here
+    assert result["status"] == "ok" and result["memory"] == "peak resident memory of the process"
+    assert result["peak_memory_gb"] > 0  # the CPU's figure: the process's peak RSS
 
 
 def test_eval_stage_writes_results_and_a_side_by_side_table(tmp_path, tiny_model_dirs, wiki_path):
@@ -157,7 +160,7 @@ def test_eval_stage_writes_results_and_a_side_by_side_table(tmp_path, tiny_model
     (pruned / "tokenizer_config.json").write_bytes((original / "tokenizer_config.json").read_bytes())
     common = ["zeroshot.tasks=[wiki_cloze]", "zeroshot.include_path=embedded:tasks", "zeroshot.limit=8",
               f"perplexity.sets=[{{name: wiki, source: {wiki_path}}}]", "perplexity.max_segments=4",
-              "latency.warmup=1", "latency.runs=1", "latency.new_tokens=4"]
+              "latency.warmup=1", "latency.runs=1", "latency.new_tokens=[4]"]
     first = subprocess.run([sys.executable, str(ROOT / "launch" / "eval.py"), f"model={original}",
                             f"output_dir={tmp_path / 'a'}", *common], capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -182,7 +185,8 @@ def test_table_reports_the_papers_metric_per_task():
     rows = [{"name": "m", "params": 5.5e9, "blocks": 26, "perplexity": {"wikitext2@128": 17.7},
              "zeroshot": {"tasks": {"hellaswag": {"metric": "acc_norm", "value": 0.704},
                                     "boolq": {"metric": "acc", "value": 0.727}}, "average": 0.7155},
-             "latency": [{"batch_size": 1, "latency_s": 1.9, "tokens_per_s": 66.0, "peak_memory_gb": 11.2}]}]
+             "latency": [{"batch_size": 1, "new_tokens": 128, "latency_s": 1.9, "tokens_per_s": 66.0,
+                          "peak_memory_gb": 11.2}]}]
     table = markdown_table(rows)
     assert "hellaswag (acc_norm)" in table and "boolq (acc)" in table and "peak GPU GB" in table
     assert "| m | 5,500.0M | 26 | 17.70 | 70.4 | 72.7 | 71.5 | 1.900 | 66.0 | 11.20 |" in table
@@ -210,6 +214,7 @@ def test_paper_eval_config_reaches_lm_eval_with_its_bos_setting(add_bos_token, t
     config = load_config(EvalConfig, ROOT / "configs" / "eval" / "paper.yaml", [
         f"model={model_dir}", f"output_dir={tmp_path / 'out'}", "dtype=fp32", "zeroshot.tasks=[wiki_cloze]",
         "zeroshot.include_path=embedded:tasks", "zeroshot.limit=2", "perplexity.sets=[]", "latency.batch_sizes=[]",
+        "samples.prompts=[]",
         f"zeroshot.add_bos_token={add_bos_token}"])
     results = json.loads((evaluate_models(config) / "results.json").read_text())
     with_bos = add_bos_token == "null"

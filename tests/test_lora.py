@@ -101,7 +101,7 @@ def test_a_lora_checkpoint_exports_and_evaluates_like_a_cpt_one(uninterrupted, t
     assert exported.keys() == merged.keys()
     for name, tensor in merged.items():
         assert torch.allclose(exported[name], tensor, atol=1e-6), name
-    from training.evaluate import resolve_checkpoint
+    from training.evaluation.run import resolve_checkpoint
 
     evaluated = load_file(Path(resolve_checkpoint(str(checkpoint), tmp_path / "scratch")) / "model.safetensors")
     assert evaluated.keys() == exported.keys()

@@ -24,12 +24,12 @@ from training.attention import uses_flat_batches
 from training.config import CPTConfig
 from training.distill import DistillLoss, load_teacher
 from training.distributed import WorldInfo
+from training.evaluation.zeroshot import ZeroShotEvaluation, load_tasks
 from training.export import export_from_engine
 from training.preflight import RunPlan, check_model_path, load_tokenizer, model_fingerprint, plan_training
 from training.run_dir import RunDir
 from training.trainer import PeriodicEvaluation, Trainer, causal_lm_loss, load_model, prepare_run_dir
 from training.validation import ValidationLoss
-from training.zeroshot import ZeroShotEvaluation, load_tasks
 
 
 @dataclass

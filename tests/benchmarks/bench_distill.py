@@ -58,8 +58,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
     from pruning.run import prune
-    from training.eval_config import EvalConfig
-    from training.evaluate import evaluate_models
+    from training.evaluation.config import EvalConfig
+    from training.evaluation.run import evaluate_models
 
     with tempfile.TemporaryDirectory(prefix="bench-distill-") as scratch:
         root = Path(scratch)

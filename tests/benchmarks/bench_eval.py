@@ -4,7 +4,7 @@ The pruned model comes from a prune run: by default this benchmark runs the prun
 the demo's recipe (configs/prune/smollm2_ppl_20.yaml: SmolLM2 by the PPL criterion, 20% of the
 parameters; about a minute here), or `--pruned DIR` times a checkpoint launch/prune.py wrote; the blocks
 it removed are read from its pruning_report.json. Both are timed side by side in this run
-with the paper's protocol (training.latency.measure_generation: batch 1, 12-token prompt, exactly
+with the paper's protocol (training.evaluation.latency.measure_generation: batch 1, 12-token prompt, exactly
 128 new tokens, greedy with the KV cache, 10 warm-up + 20 timed runs), fp32, on the CPU (or the GPU
 when there is one), alternately (original, pruned, original, pruned) to spread the noise of a
 shared machine. The second round is skipped when the first took over 3 minutes (the whole run
@@ -43,7 +43,7 @@ from data.config import load_config  # noqa: E402
 from data.embedded import smollm2_path  # noqa: E402
 from pruning.config import PruneConfig  # noqa: E402
 from pruning.run import prune  # noqa: E402
-from training.latency import measure_generation  # noqa: E402
+from training.evaluation.latency import measure_generation  # noqa: E402
 from training.throughput import matmul_parameters  # noqa: E402
 
 RECIPE = ROOT / "configs" / "prune" / "smollm2_ppl_20.yaml"  # the demo's pruning

@@ -13,7 +13,7 @@ import runpy
 import sys
 from pathlib import Path
 
-from training.zeroshot import ShardedLM
+from training.evaluation.zeroshot import ShardedLM
 
 RECORD = "zeroshot_loglikelihoods.jsonl"
 output_dir = Path(next(a.split("=", 1)[1] for a in sys.argv if a.startswith("output_dir=")))

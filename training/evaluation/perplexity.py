@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from data.nll import TokenNLL
-from training.eval_config import BosPolicy
+from training.evaluation.config import BosPolicy
 
 
 def segment_stream(texts: list[str], tokenizer: PreTrainedTokenizerBase, seq_len: int,

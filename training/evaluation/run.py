@@ -1,6 +1,7 @@
-"""The evaluation stage: zero-shot accuracy, perplexity and generation speed of one or more models.
+"""The evaluation stage: zero-shot accuracy, perplexity, generation speed and memory of one or more
+models, and their generation samples.
 
-  evaluate_models(EvalConfig) -> results.json + results.md in output_dir
+  evaluate_models(EvalConfig) -> results.json, results.md and the efficiency plots in output_dir
 
 Models are Hugging Face checkpoints (a path, hub name, embedded:smollm2-135m) or committed
 training checkpoints (`<run>/checkpoints/step_N`, exported first). Tasks, perplexity texts and
@@ -16,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from data.artifacts import atomic_directory, check_output_dir, directory_fingerprint, library_versions
 from data.config import save_config, to_dict
@@ -25,12 +26,16 @@ from data.precision import resolve_device, resolve_precision, torch_dtype
 from data.text import TextSourceError, load_documents
 from pruning.layers import count_parameters
 from training.checkpoint import METADATA
-from training.eval_config import EvalConfig, ModelEntry, PerplexitySection
+from training.evaluation.config import EvalConfig, ModelEntry, PerplexitySection
+from training.evaluation.grid import batch_frontier, latency_grid
+from training.evaluation.memory import MemoryMeter
+from training.evaluation.perplexity import perplexity, segment_stream
+from training.evaluation.plots import write_plots
+from training.evaluation.samples import generate_samples
+from training.evaluation.tables import markdown_report
+from training.evaluation.zeroshot import load_tasks, run_tasks, starts_with_bos
 from training.export import export_checkpoint
-from training.latency import measure_generation
-from training.perplexity import perplexity, segment_stream
 from training.preflight import check_model_path
-from training.zeroshot import load_tasks, run_tasks, starts_with_bos
 
 # --- the stage ---------------------------------------------------------------------------------
 
@@ -56,16 +61,28 @@ def load_texts(config: PerplexitySection) -> dict[str, list[str]]:
     return texts
 
 
+def load_model(path: str, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+    """Any checkpoint the pipeline makes; a quantized one (its config.json has a quantization_config)
+    loads through its library's transformers integration, in the dtype it was saved in."""
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "quantization_config", None):
+        return AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=str(device)).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
 def evaluate_model(entry: ModelEntry, path: str, config: EvalConfig, tasks: dict, texts: dict[str, list[str]],
-                   device: torch.device, dtype: torch.dtype) -> dict:
+                   device: torch.device, dtype: torch.dtype, meter: MemoryMeter) -> dict:
     from lm_eval.models.huggingface import HFLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = load_model(path, device, dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     local = Path(path)
+    quantization = getattr(model.config, "quantization_config", None)
     result = {"name": entry.name, "path": entry.path, "blocks": model.config.num_hidden_layers,
               "params": count_parameters(model),
               "fingerprint": directory_fingerprint(local) if local.is_dir() else path}
+    if quantization:
+        result["quantization"] = quantization if isinstance(quantization, dict) else quantization.to_dict()
     if tasks:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=config.zeroshot.batch_size, device=str(device),
                   add_bos_token=config.zeroshot.add_bos_token)
@@ -77,19 +94,25 @@ def evaluate_model(entry: ModelEntry, path: str, config: EvalConfig, tasks: dict
             segments = segment_stream(docs, tokenizer, seq_len, config.perplexity.bos, config.perplexity.max_segments)
             result["perplexity"][f"{name}@{seq_len}"] = perplexity(model, segments, config.perplexity.batch_size,
                                                                    progress=True)
-    result["latency"] = [measure_generation(model, tokenizer, b, config.latency.input_tokens,
-                                            config.latency.new_tokens, config.latency.warmup, config.latency.runs)
-                         for b in config.latency.batch_sizes]
+    if config.latency.batch_sizes and config.latency.new_tokens:
+        with meter.limited():
+            result["latency"] = latency_grid(model, tokenizer, config.latency, meter)
+            if config.latency.max_batch:
+                result["max_batch"] = batch_frontier(model, tokenizer, config.latency, meter, result["latency"])
+    if config.samples.prompts:
+        result["samples"] = generate_samples(model, tokenizer, config.samples)
     return result
 
 
 def evaluate_models(config: EvalConfig) -> Path:
     check_output_dir(config.output_dir, config.overwrite)
+    device = resolve_device(config.device)
+    config.latency.check_device(device.type)
+    meter = MemoryMeter(device, config.latency.memory_limit_gb)
     earlier = [row for path in config.compare for row in json.loads(Path(path).read_text())["models"]]
     include = resolve_tasks(config.zeroshot.include_path) if config.zeroshot.include_path else None
     tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None) if config.zeroshot.tasks else {}
     texts = load_texts(config.perplexity)
-    device = resolve_device(config.device)
     precision = resolve_precision(config.dtype, device)
     dtype = torch_dtype(precision)
     rows = []
@@ -97,57 +120,13 @@ def evaluate_models(config: EvalConfig) -> Path:
         paths = [resolve_checkpoint(m.path, Path(scratch)) for m in config.models]
         for entry, path in zip(config.models, paths, strict=True):
             print(f"== evaluating {entry.name}: {entry.path}", flush=True)
-            rows.append(evaluate_model(entry, path, config, tasks, texts, device, dtype))
+            rows.append(evaluate_model(entry, path, config, tasks, texts, device, dtype, meter))
     settings = {"device": str(device), "dtype": precision, "zeroshot_add_bos_token": config.zeroshot.add_bos_token,
                 "config": to_dict(config),
                 "versions": library_versions()}
     with atomic_directory(config.output_dir, config.overwrite) as tmp:
         (tmp / "results.json").write_text(json.dumps({"models": earlier + rows, **settings}, indent=2) + "\n")
-        (tmp / "results.md").write_text(markdown_table(earlier + rows) + "\n")
+        (tmp / "results.md").write_text(markdown_report(earlier + rows) + "\n")
+        write_plots(earlier + rows, tmp)
         save_config(config, tmp / "eval_config.yaml")
     return config.output_dir
-
-
-# --- the table ---------------------------------------------------------------------------------
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """One row per model: size, perplexities, zero-shot per task and average (%), speed."""
-    ppl_keys = sorted({k for r in rows for k in r.get("perplexity", {})})
-    task_keys = list(dict.fromkeys(t for r in rows for t in r.get("zeroshot", {}).get("tasks", {})))
-    batch_sizes = sorted({lat["batch_size"] for r in rows for lat in r.get("latency", [])})
-    header = ["model", "params", "blocks", *[f"PPL {k}" for k in ppl_keys]]
-    header += [f"{t} ({rows_metric(rows, t)})" for t in task_keys] + (["avg acc"] if task_keys else [])
-    for b in batch_sizes:
-        header += [f"latency s (bs {b})", f"tokens/s (bs {b})"]
-    if any(lat.get("peak_memory_gb") for r in rows for lat in r.get("latency", [])):
-        header.append("peak GPU GB")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in rows:
-        cells = [row["name"], f"{row['params'] / 1e6:,.1f}M", str(row["blocks"])]
-        cells += [_number(row.get("perplexity", {}).get(k)) for k in ppl_keys]
-        zeroshot = row.get("zeroshot", {})
-        cells += [_number(100 * zeroshot["tasks"][t]["value"] if t in zeroshot.get("tasks", {}) else None, 1)
-                  for t in task_keys]
-        if task_keys:
-            cells.append(_number(100 * zeroshot["average"] if zeroshot else None, 1))
-        by_batch = {lat["batch_size"]: lat for lat in row.get("latency", [])}
-        for b in batch_sizes:
-            lat = by_batch.get(b)
-            cells += [_number(lat and lat["latency_s"], 3), _number(lat and lat["tokens_per_s"], 1)]
-        if header[-1] == "peak GPU GB":
-            peaks = [lat.get("peak_memory_gb") for lat in row.get("latency", []) if lat.get("peak_memory_gb")]
-            cells.append(_number(max(peaks) if peaks else None, 2))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def rows_metric(rows: list[dict], task: str) -> str:
-    for row in rows:
-        if task in row.get("zeroshot", {}).get("tasks", {}):
-            return row["zeroshot"]["tasks"][task]["metric"]
-    return "acc"
-
-
-def _number(value: float | None, digits: int = 2) -> str:
-    return "-" if value is None else f"{value:,.{digits}f}"

@@ -185,7 +185,7 @@ class ShardedLM(TemplateLM):
         return super().loglikelihood(requests, disable_tqdm=disable_tqdm or self.shard_rank != 0)
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-        raise NotImplementedError("perplexity tasks run through training/perplexity.py, not lm-eval")
+        raise NotImplementedError("perplexity tasks run through training/evaluation/perplexity.py, not lm-eval")
 
     def generate_until(self, requests, disable_tqdm: bool = False):
         raise NotImplementedError("generation tasks are not part of the zero-shot evaluation")
