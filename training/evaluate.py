@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from data.artifacts import atomic_directory, check_output_dir, directory_fingerprint, library_versions
 from data.config import save_config, to_dict
 from data.embedded import resolve_model, resolve_tasks
+from data.model_code import check_trust_remote_code
 from data.precision import resolve_device, resolve_precision, torch_dtype
 from data.text import TextSourceError, load_documents
 from pruning.layers import count_parameters
@@ -35,12 +36,12 @@ from training.zeroshot import load_tasks, run_tasks, starts_with_bos
 # --- the stage ---------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: str, scratch: Path) -> str:
+def resolve_checkpoint(path: str, scratch: Path, trust_remote_code: bool = False) -> str:
     """A committed training checkpoint is exported to an HF checkpoint first; anything else passes."""
     resolved = resolve_model(path)
     if (Path(resolved) / METADATA).is_file():
-        return str(export_checkpoint(Path(resolved), scratch / Path(resolved).name, torch.float32))
-    return check_model_path(resolved)
+        return str(export_checkpoint(Path(resolved), scratch / Path(resolved).name, torch.float32, trust_remote_code))
+    return check_model_path(resolved, trust_remote_code)
 
 
 def load_texts(config: PerplexitySection) -> dict[str, list[str]]:
@@ -60,7 +61,8 @@ def evaluate_model(entry: ModelEntry, path: str, config: EvalConfig, tasks: dict
                    device: torch.device, dtype: torch.dtype) -> dict:
     from lm_eval.models.huggingface import HFLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=config.trust_remote_code
+                                                 ).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     local = Path(path)
     result = {"name": entry.name, "path": entry.path, "blocks": model.config.num_hidden_layers,
@@ -85,6 +87,8 @@ def evaluate_model(entry: ModelEntry, path: str, config: EvalConfig, tasks: dict
 
 def evaluate_models(config: EvalConfig) -> Path:
     check_output_dir(config.output_dir, config.overwrite)
+    for entry in config.models:  # a module-pruned model is refused before anything loads, unless allowed
+        check_trust_remote_code(resolve_model(entry.path), config.trust_remote_code)
     earlier = [row for path in config.compare for row in json.loads(Path(path).read_text())["models"]]
     include = resolve_tasks(config.zeroshot.include_path) if config.zeroshot.include_path else None
     tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None) if config.zeroshot.tasks else {}
@@ -94,7 +98,7 @@ def evaluate_models(config: EvalConfig) -> Path:
     dtype = torch_dtype(precision)
     rows = []
     with tempfile.TemporaryDirectory(prefix="shorten-eval-") as scratch:
-        paths = [resolve_checkpoint(m.path, Path(scratch)) for m in config.models]
+        paths = [resolve_checkpoint(m.path, Path(scratch), config.trust_remote_code) for m in config.models]
         for entry, path in zip(config.models, paths, strict=True):
             print(f"== evaluating {entry.name}: {entry.path}", flush=True)
             rows.append(evaluate_model(entry, path, config, tasks, texts, device, dtype))
