@@ -158,7 +158,7 @@ class ModulePrunePlan:
                     f"(-{gone / self.params_before:.1%})"]
         if target.num_remove is not None:
             return [*lines, f"would remove the {target.num_remove} least important modules (which: by the scores)"]
-        return [*lines, f"would remove the least important modules within {target.budget / 1e9:.3f}B parameters: "
+        return [*lines, f"would remove the least important modules within {target.budget / 1e6:,.1f}M parameters: "
                         f"{int(target.budget // max(sizes.values()))} to {int(target.budget // min(sizes.values()))} "
                         "modules, by the scores"]
 

@@ -158,7 +158,7 @@ def make_config(model_dir, out, books_path, *overrides):
         "calibration.seq_len=32", "unit=module", *overrides])
 
 
-@pytest.mark.parametrize("criterion", ["ppl", "taylor+", "mag"])
+@pytest.mark.parametrize("criterion", ["taylor+", "mag"])  # ppl: below, iterative and on a module-pruned input
 def test_the_prune_stage_removes_modules_by_each_criterion(criterion, tiny_model_dirs, books_path, tmp_path):
     out = tmp_path / "pruned"
     result = prune(make_config(tiny_model_dirs["llama"], out, books_path, f"criterion={criterion}",

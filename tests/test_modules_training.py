@@ -103,7 +103,7 @@ def test_cpt_from_random_init_uses_the_models_own_init_and_trains(module_pruned,
 
     run_dir = tmp_path / "run"
     config = cpt_config(module_pruned, cpt_inputs["tokens"], run_dir, "init=random", "trust_remote_code=true",
-                        "seed=7", "train_steps=8", "optimizer.lr=3e-3", "checkpoint.every_steps=4",
+                        "seed=7", "train_steps=8", "optimizer.lr=1e-2", "schedule.decay=constant", "checkpoint.every_steps=4",
                         "validation.every_steps=4", "checkpoint.export_at_end=false")
     from training.cpt import build_cpt_trainer
 
@@ -151,10 +151,8 @@ def test_lora_and_evaluation_of_a_module_pruned_checkpoint(module_pruned, tmp_pa
     assert torch.allclose(got, adapted, rtol=1e-5, atol=1e-4)
 
     options = [f"models=[{{name: pruned, path: {module_pruned}}}, {{name: tuned, path: {merged}}}]",
-               f"output_dir={tmp_path / 'eval'}", "zeroshot.tasks=[wiki_cloze]", "zeroshot.include_path=embedded:tasks",
-               "zeroshot.limit=4", f"perplexity.sets=[{{name: wiki, source: {wiki_path}}}]",
-               "perplexity.max_segments=2", "latency.batch_sizes=[1]", "latency.warmup=0", "latency.runs=1",
-               "latency.new_tokens=4"]
+               f"output_dir={tmp_path / 'eval'}", "zeroshot.tasks=[]", "latency.batch_sizes=[]",
+               f"perplexity.sets=[{{name: wiki, source: {wiki_path}}}]", "perplexity.max_segments=2"]
     with pytest.raises(ConfigError, match="set trust_remote_code=true"):
         evaluate_models(load_config(EvalConfig, None, options))
     results = evaluate_models(load_config(EvalConfig, None, [*options, "trust_remote_code=true"]))

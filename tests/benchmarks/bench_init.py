@@ -9,7 +9,10 @@ weights, `init=random` from the model's own `_init_weights` with seed 1234. The 
 data's validation split (16 sequences) is logged every `--every` steps. Prints the table and writes
 init_curves.png (held-out loss per step, both runs) to --out.
 
-  python tests/benchmarks/bench_init.py [--steps 40] [--every 5] [--out outputs/bench_init]
+  python tests/benchmarks/bench_init.py [--steps 30] [--every 5] [--out outputs/bench_init] [--pruned DIR]
+
+`--pruned` takes that pruned checkpoint instead of pruning again (e.g. bench_units.py's block run,
+the same recipe).
 """
 
 from __future__ import annotations
@@ -73,16 +76,18 @@ def plot(curves: dict[str, dict[int, float]], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--every", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench_init")
+    parser.add_argument("--pruned", type=Path, default=None)
     args = parser.parse_args()
     from pruning.run import prune
 
     out = args.out.resolve()
-    pruned = out / "pruned-ppl-20"
-    prune(load_config(PruneConfig, ROOT / "configs" / "prune" / "smollm2_ppl_20.yaml",
-                      [f"output_dir={pruned}", "overwrite=true"]))
+    pruned = args.pruned.resolve() if args.pruned else out / "pruned-ppl-20"
+    if args.pruned is None:
+        prune(load_config(PruneConfig, ROOT / "configs" / "prune" / "smollm2_ppl_20.yaml",
+                          [f"output_dir={pruned}", "overwrite=true"]))
     tokens = out / "tokens"
     prepare(load_config(PrepareConfig, ROOT / "configs" / "data" / "demo.yaml",
                         [f"tokenizer={pruned}", f"output_dir={tokens}", "overwrite=true"]))
