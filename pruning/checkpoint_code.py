@@ -59,9 +59,11 @@ def write_model_code(directory: Path, model: PreTrainedModel) -> bool:
         code.write_text(modeling_source(base))
         auto_map["AutoModelForCausalLM"] = f"{MODELING_FILE[:-3]}.Shortened{base.__name__}"
         config["architectures"] = [f"Shortened{base.__name__}"]
-    else:
+    else:  # e.g. a module-pruned model whose half layers were all removed by block pruning since
         code.unlink(missing_ok=True)
         config["architectures"] = [base.__name__]
+        for key in ("skipped_sublayers", "sublayer_modules"):
+            config.pop(key, None)
     if auto_map:
         config["auto_map"] = auto_map
     else:

@@ -64,6 +64,9 @@ def test_cpt_on_a_module_pruned_checkpoint_resumes_exactly_and_exports_its_code(
     run = ["train_steps=4", "checkpoint.every_steps=2", "validation.every_steps=2", "trust_remote_code=true"]
     with pytest.raises(ConfigError, match="set trust_remote_code=true"):
         plan_cpt(cpt_config(module_pruned, cpt_inputs["tokens"], tmp_path / "x", *run[:-1]), single_process_group)
+    with pytest.raises(ConfigError, match="kernels=liger patches every layer's MLP and norms"):
+        plan_cpt(cpt_config(module_pruned, cpt_inputs["tokens"], tmp_path / "x", *run, "kernels=liger"),
+                 single_process_group)
     assert not (tmp_path / "x").exists()
 
     whole, interrupted = tmp_path / "whole", tmp_path / "interrupted"

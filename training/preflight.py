@@ -23,7 +23,7 @@ from data.artifacts import directory_fingerprint
 from data.batch_layout import accumulation_steps
 from data.config import ConfigError
 from data.embedded import resolve_model
-from data.model_code import check_trust_remote_code
+from data.model_code import check_trust_remote_code, model_code_files
 from data.precision import resolve_device, resolve_precision
 from data.shards import DataMismatchError
 from training.attention import resolve_attention
@@ -117,6 +117,9 @@ def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fin
         device = torch.device("cuda", world.local_rank)
     precision = resolve_precision(config.precision, device)
     attention = resolve_attention(config.attn_implementation, device, precision)
+    if config.kernels == "liger" and model_code_files(model_path):
+        raise ConfigError("kernels=liger patches every layer's MLP and norms, and this module-pruned model lacks some "
+                          "of them: set kernels=none")
     check_kernels(config.kernels, device)
     check_output_dir(Path(config.output_dir))
     store = checkpoint_store(config, world.rank)
