@@ -124,8 +124,8 @@ def test_module_pruned_checkpoint_reloads_and_generates_as_the_pruned_model(arch
         # a prompt continued through the cache (as a chat's next turn): positions and masks come from the
         # cache's length, read at layer 0, which has no attention here
         cache = DynamicCache(config=reloaded.config)
-        first = reloaded(prompt[:, :5], cache=cache, use_cache=True).logits
-        rest = reloaded(prompt[:, 5:], cache=cache, use_cache=True).logits
+        first = reloaded(prompt[:, :5], past_key_values=cache, use_cache=True).logits  # `cache=` from 5.24 on
+        rest = reloaded(prompt[:, 5:], past_key_values=cache, use_cache=True).logits
         torch.testing.assert_close(torch.cat([first, rest], 1), full, rtol=1e-5, atol=1e-5)
 
 
