@@ -31,7 +31,7 @@ from pruning.scores import (
 )
 from pruning.selection import ModuleTarget, TargetError
 from pruning.sublayers import SkippedAttention, SkippedMLP
-from tests.tiny_models import ARCHITECTURES, TINY_LAYERS, make_tiny_model
+from tests.tiny_models import TINY_LAYERS, make_tiny_model
 
 # layer 0 loses its attention (the cache's length is read there), 3 goes whole, 5 loses its MLP
 UNITS = [(0, "attn"), (3, "attn"), (3, "mlp"), (5, "mlp")]
@@ -70,14 +70,14 @@ def test_module_ppl_equals_a_rebuild_without_the_module(arch, batch_size, tiny_c
     units = all_units(TINY_LAYERS)
     fast = module_ppl_scores(model, tiny_calibration, modules, batch_size=batch_size, progress=False)
     assert len({round(s, 3) for s in fast}) > TINY_LAYERS  # the units really differ
-    for unit in [(0, "attn"), (0, "mlp"), (4, "attn"), (5, "mlp"), (7, "attn"), (7, "mlp")]:
+    for unit in [(0, "attn"), (0, "mlp"), (5, "mlp"), (7, "attn")]:
         rebuilt = rebuild_without_units(model, [unit], modules)
         assert fast[units.index(unit)] == pytest.approx(calibration_perplexity(rebuilt, tiny_calibration), rel=1e-5)
     # with units already removed (the iterative criterion's later rounds): the same, on top of them
     removed = [(2, "mlp"), (4, "attn")]
     later = module_ppl_scores(model, tiny_calibration, modules, batch_size=batch_size, removed=removed, progress=False)
     assert math.isnan(later[units.index((2, "mlp"))]) and math.isnan(later[units.index((4, "attn"))])
-    for unit in [(0, "attn"), (2, "attn"), (6, "mlp")]:
+    for unit in [(0, "attn"), (6, "mlp")]:
         expected = calibration_perplexity(rebuild_without_units(model, [*removed, unit], modules), tiny_calibration)
         assert later[units.index(unit)] == pytest.approx(expected, rel=1e-5)
 
@@ -98,7 +98,8 @@ def test_taylor_and_magnitude_sum_over_each_units_own_weights(tiny_calibration):
         [sum(float(p.detach().abs().sum()) for p in group) for group in groups], rel=1e-5)
 
 
-@pytest.mark.parametrize("arch", ARCHITECTURES)  # all four use grouped-query attention (4 heads, 2 KV heads)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma2"])  # grouped-query attention (4 heads, 2 KV heads);
+# qwen2 and gemma2 with per-layer sliding windows
 def test_module_pruned_checkpoint_reloads_and_generates_as_the_pruned_model(arch, tmp_path):
     model = make_tiny_model(arch, 300)
     assert save_pruned(model, UNITS, tmp_path)
