@@ -22,7 +22,7 @@ def main(argv: list[str]) -> int:
     from data.precision import torch_dtype
     from training.export import export_checkpoint
 
-    output = export_checkpoint(config.checkpoint, config.output_dir, torch_dtype(config.dtype))
+    output = export_checkpoint(config.checkpoint, config.output_dir, torch_dtype(config.dtype), config.trust_remote_code)
     print(f"Hugging Face checkpoint: {output}")
     return 0
 

@@ -23,6 +23,8 @@ def main(argv: list[str]) -> int:
         return 0
     result = prune(config)
     report = result.report
+    if report["unit"] == "module":
+        print(f"criterion {report['criterion']}: removed modules {report['removed_modules']}")
     print(f"criterion {report['criterion']}: removed blocks {result.removed} "
           f"({report['num_blocks_before']} -> {report['num_blocks_after']} blocks, "
           f"{report['params_before'] / 1e6:.1f}M -> {report['params_after'] / 1e6:.1f}M parameters, "

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 LOWER_IS_LESS_IMPORTANT = {
-    "ppl": "calibration PPL without the block",
+    "ppl": "calibration PPL without it",
     "taylor": "Taylor importance",
     "mag": "weight magnitude",
     "block_influence": "block influence (1 - cos)",
@@ -15,7 +15,8 @@ LOWER_IS_LESS_IMPORTANT = {
 
 
 def plot_block_importance(scores: Sequence[float], removed: Sequence[int], protected: Sequence[int],
-                          criterion: str, model_name: str, path: Path) -> None:
+                          criterion: str, model_name: str, path: Path, labels: Sequence[str] | None = None) -> None:
+    """Bars of `scores` (one per block, or per module with `labels`), removed ones in red, protected in gray."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,11 +30,12 @@ def plot_block_importance(scores: Sequence[float], removed: Sequence[int], prote
     ax.bar(range(len(scores)), values, color=colors)
     if base == "ppl":
         ax.set_yscale("log")
-    ax.set_xlabel("block index")
+    ax.set_xlabel("block index" if labels is None else "module (block.attn, block.mlp)")
     ax.set_ylabel(LOWER_IS_LESS_IMPORTANT.get(base, "importance"))
-    ax.set_title(f"{model_name}: block importance by {criterion} (red: removed, gray: protected)", fontsize=9)
-    ax.set_xticks(range(len(scores)))
-    ax.tick_params(axis="x", labelsize=7)
+    unit = "block" if labels is None else "module"
+    ax.set_title(f"{model_name}: {unit} importance by {criterion} (red: removed, gray: protected)", fontsize=9)
+    ax.set_xticks(range(len(scores)), labels=labels)
+    ax.tick_params(axis="x", labelsize=7, rotation=0 if labels is None else 90)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

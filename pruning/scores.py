@@ -13,6 +13,12 @@ All criteria see the same calibration batch (LongTensor [samples, seq_len]).
   in the moment it is ready and then freed: the full set of gradients is never held at once.
 - `mag`: sum of |W| over the block's weights.
 - `block_influence`: ShortGPT's Block Influence, mean over tokens of 1 - cos(block input, output).
+
+With `unit=module` the candidates are the blocks' attention and MLP sub-layers (pruning/modules.py):
+`module_ppl_scores` runs block i on its cached input with one of its sub-layers skipped, then blocks
+i+1.. as above; `taylor` and `mag` sum over each unit's own weights (the sub-layer and its norms)
+instead of the block's (`groups`). Block influence compares a block's input and output and has no
+sub-layer form.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from transformers import PreTrainedModel
 
 from data.nll import TokenNLL
 from pruning.layers import find_decoder_layers, rebuild_without
+from pruning.modules import Unit, all_units, skipped_units, units_skipped
 
 
 def _batches(calibration: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -49,6 +56,18 @@ class _Skip(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         return (hidden_states,) if self.tuple_output else hidden_states
+
+
+class _ReplayThrough(_Skip):
+    """Stands in for block i: runs it on its cached input, as if blocks 0..i-1 had run."""
+
+    def __init__(self, block: nn.Module, cached: torch.Tensor):
+        super().__init__(block, False)
+        self.block = block
+        self.cached = cached
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        return self.block(self.cached, *args, **kwargs)
 
 
 class _Replay(_Skip):
@@ -140,6 +159,33 @@ def ppl_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size: in
 
 
 @torch.no_grad()
+def module_ppl_scores(model: PreTrainedModel, calibration: torch.Tensor, modules: dict, batch_size: int = 10,
+                      removed: Sequence[Unit] = (), progress: bool = True) -> list[float]:
+    """Calibration perplexity without each attention and MLP sub-layer, in `all_units` order (units already
+    gone, from the checkpoint or `removed`, get nan). Blocks before the unit's are skipped: its block runs
+    from its cached input with the unit left out."""
+    _, layers = find_decoder_layers(model)
+    units = all_units(len(layers))
+    gone = set(skipped_units(model)) | set(removed)
+    candidates = [unit for unit in units if unit not in gone]
+    nll = {unit: TokenNLL() for unit in candidates}
+    bar = tqdm(total=len(candidates) * math.ceil(len(calibration) / batch_size), desc="ppl criterion (modules)",
+               disable=not progress, leave=False)
+    with units_skipped(model, removed, modules):
+        for batch in _batches(calibration, batch_size):
+            inputs, _, tuple_output = capture_block_io(model, batch)
+            for unit in candidates:
+                i = unit[0]
+                replacement = [_Skip(block, tuple_output) if j < i else _ReplayThrough(block, inputs[i]) if j == i
+                               else block for j, block in enumerate(layers)]
+                with units_skipped(model, [unit], modules), _layers_replaced(model, replacement):
+                    _add_nll(nll[unit], model, batch)
+                bar.update()
+    bar.close()
+    return [nll[unit].perplexity if unit in nll else math.nan for unit in units]
+
+
+@torch.no_grad()
 def ppl_scores_rebuild(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 10,
                        progress: bool = True, blocks: Sequence[int] | None = None) -> list[float]:
     """The paper's method: rebuild the model without block i and run it whole, for every i
@@ -182,12 +228,35 @@ def iterative_ppl_order(model: PreTrainedModel, calibration: torch.Tensor, num_r
     return removed, rounds
 
 
+def iterative_module_order(model: PreTrainedModel, calibration: torch.Tensor, modules: dict, target,
+                           batch_size: int = 10, progress: bool = True) -> tuple[list[Unit], list[list[float]]]:
+    """The same greedy removal over attention and MLP sub-layers, while `target` (a
+    `pruning.selection.ModuleTarget`) takes more. Returns the removal order and each round's scores."""
+    removed: list[Unit] = []
+    rounds = []
+    with tqdm(desc="iterative ppl (modules)", disable=not progress) as bar:
+        while True:
+            scores = module_ppl_scores(model, calibration, modules, batch_size, removed=removed, progress=False)
+            units = all_units(len(scores) // 2)
+            ranked = sorted((u for u in target.candidates if u not in removed),
+                            key=lambda u: (scores[units.index(u)], units.index(u)))
+            if not ranked or not target.fits(removed, ranked[0]):
+                break
+            rounds.append(scores)
+            removed.append(ranked[0])
+            bar.update()
+    if not removed:
+        target.take(ranked)  # raises: not even the least important module fits the target
+    return removed, rounds
+
+
 def _block_weights(block: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """Weights (matrices and norm scales) of a block; biases are left out, as in the paper."""
     return [(name, p) for name, p in block.named_parameters() if name.endswith("weight")]
 
 
-def taylor_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 10) -> list[float]:
+def taylor_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size: int = 10,
+                  groups: list[list[nn.Parameter]] | None = None) -> list[float]:
     """The official Taylor block score: sum over the block's weights of |sum_batches W * dL/dW|, element
     by element (shortened-llm src/anal_block_sensitivity_taylor.py, the paper's formula).
 
@@ -196,16 +265,17 @@ def taylor_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size:
     official Vicuna-7B script's batch size 1): the signed products must be summed before abs(),
     so one fp32 buffer per block weight is kept (the size of the block weights in fp32); each
     gradient is still freed as soon as it is folded in. As in the official code each batch's own
-    mean loss is differentiated and the products are summed over batches.
+    mean loss is differentiated and the products are summed over batches. `groups`: the weights of
+    each unit to score (default: each block's).
     """
-    _, layers = find_decoder_layers(model)
+    groups = groups if groups is not None else _block_groups(model)
     batches = _batches(calibration, batch_size)
     was_training = model.training
     model.eval()
     saved_flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    scores = [0.0] * len(layers)
+    scores = [0.0] * len(groups)
     salience: dict[int, torch.Tensor] = {}
     owner: dict[int, int] = {}
     handles = []
@@ -220,8 +290,8 @@ def taylor_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size:
             salience[id(param)] = product
         param.grad = None
 
-    for index, block in enumerate(layers):
-        for _, param in _block_weights(block):
+    for index, weights in enumerate(groups):
+        for param in weights:
             param.requires_grad_(True)
             owner[id(param)] = index
             handles.append(param.register_post_accumulate_grad_hook(reduce_and_free))
@@ -240,10 +310,15 @@ def taylor_scores(model: PreTrainedModel, calibration: torch.Tensor, batch_size:
     return scores
 
 
+def _block_groups(model: nn.Module) -> list[list[nn.Parameter]]:
+    return [[p for _, p in _block_weights(block)] for block in find_decoder_layers(model)[1]]
+
+
 @torch.no_grad()
-def magnitude_scores(model: PreTrainedModel) -> list[float]:
-    _, layers = find_decoder_layers(model)
-    return [float(sum(p.detach().abs().float().sum() for _, p in _block_weights(block))) for block in layers]
+def magnitude_scores(model: PreTrainedModel, groups: list[list[nn.Parameter]] | None = None) -> list[float]:
+    """Sum of |W| over each block's weights (or each group's)."""
+    groups = groups if groups is not None else _block_groups(model)
+    return [float(sum(p.detach().abs().float().sum() for p in weights)) for weights in groups]
 
 
 @torch.no_grad()

@@ -1,9 +1,10 @@
-"""Which blocks to remove: protected blocks, the target size and the choice by score."""
+"""Which blocks (or, unit=module, sub-layers) to remove: protected blocks, the target size and the choice by score."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 
 class TargetError(ValueError):
@@ -53,3 +54,74 @@ def choose_blocks(scores: Sequence[float], num_remove: int, protected: Sequence[
     """The `num_remove` least important unprotected blocks (ties broken by index), sorted."""
     candidates = [i for i in range(len(scores)) if i not in set(protected)]
     return sorted(sorted(candidates, key=lambda i: (scores[i], i))[:num_remove])
+
+
+@dataclass
+class ModuleTarget:
+    """unit=module: which sub-layers may go (`unit_params`: the units still present and their sizes; units of
+    `protected` layers never go) and how many: `num_remove` units, the longest run of the ranking whose
+    parameters stay within `budget`, or the `explicit` ones."""
+
+    unit_params: dict[tuple[int, str], int]
+    protected: list[int]
+    num_remove: int | None = None
+    budget: float | None = None
+    explicit: list[tuple[int, str]] | None = None
+
+    @property
+    def candidates(self) -> list[tuple[int, str]]:
+        return [unit for unit in self.unit_params if unit[0] not in set(self.protected)]
+
+    def fits(self, chosen: Sequence[tuple[int, str]], unit: tuple[int, str]) -> bool:
+        """Whether `unit` may go after `chosen` (in ranking order)."""
+        if self.num_remove is not None:
+            return len(chosen) < self.num_remove
+        return sum(self.unit_params[u] for u in chosen) + self.unit_params[unit] <= self.budget
+
+    def take(self, ranked: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+        """The units to remove, from the candidates ranked least important first."""
+        if self.explicit is not None:
+            return list(self.explicit)
+        chosen: list[tuple[int, str]] = []
+        for unit in ranked:
+            if not self.fits(chosen, unit):
+                break
+            chosen.append(unit)
+        if not chosen:
+            raise TargetError(f"target.param_ratio allows {self.budget:,.0f} parameters, less than the least important "
+                              f"module {unit[0]}.{unit[1]} ({self.unit_params[unit]:,}): raise the ratio or set "
+                              "target.num_modules")
+        return chosen
+
+    def check(self) -> None:
+        """Fail before any scoring if the target asks for the impossible."""
+        candidates = self.candidates
+        if self.explicit is not None:
+            missing = [u for u in self.explicit if u not in self.unit_params]
+            if missing:
+                raise TargetError(f"target.modules {[f'{i}.{k}' for i, k in missing]} are not in the model (out of "
+                                  "range, or already removed)")
+            if len(set(self.explicit)) != len(self.explicit):
+                raise TargetError("target.modules lists a module more than once")
+            hit = sorted({i for i, _ in self.explicit} & set(self.protected))
+            if hit:
+                raise TargetError(f"target.modules are in protected layers {hit} (protect_first/protect_last); "
+                                  "remove them from the list or lower the protection")
+            count = len(self.explicit)
+        elif self.num_remove is not None:
+            count = self.num_remove
+        else:
+            smallest = min((self.unit_params[u] for u in candidates), default=0)
+            if not candidates or self.budget < smallest:
+                raise TargetError(f"target.param_ratio allows {self.budget:,.0f} parameters, less than the smallest "
+                                  f"module ({smallest:,}): raise the ratio or set target.num_modules")
+            if len(candidates) == len(self.unit_params) and sum(self.unit_params.values()) <= self.budget:
+                raise TargetError(f"target.param_ratio allows {self.budget:,.0f} parameters, as many as all the "
+                                  "modules together: at least one must remain; lower the ratio")
+            return
+        if count >= len(self.unit_params):
+            raise TargetError(f"cannot remove {count} of the model's {len(self.unit_params)} modules: at least one "
+                              "must remain")
+        if count > len(candidates) and self.explicit is None:
+            raise TargetError(f"cannot remove {count} modules: only {len(candidates)} are not in protected layers; "
+                              "lower the target or protect_first/protect_last")

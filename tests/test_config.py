@@ -142,7 +142,9 @@ def test_an_override_of_one_exclusive_member_replaces_the_recipe_choice(tmp_path
     assert (config.target.num_blocks, config.target.param_ratio, config.target.blocks) == (9, None, None)
     save_config(config, tmp_path / "resolved.yaml")  # the saved config says which won
     saved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())["target"]
-    assert saved == {"num_blocks": 9, "param_ratio": None, "blocks": None}
+    assert saved == {"num_blocks": 9, "param_ratio": None, "blocks": None, "num_modules": None, "modules": None}
+    modules = load_config(PruneConfig, recipe, ["unit=module", "target.modules=[3.attn, 7.mlp]"]).target
+    assert (modules.modules, modules.param_ratio) == (["3.attn", "7.mlp"], None)
     with pytest.raises(ConfigError, match="exactly one of"):  # two members on the command line is still ambiguous
         load_config(PruneConfig, recipe, ["target.num_blocks=9", "target.blocks=[3]"])
     from training.config import CPTConfig

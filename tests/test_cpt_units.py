@@ -123,6 +123,10 @@ def test_resume_refuses_a_checkpoint_of_another_run(small_run, tmp_path):
         plan_cpt(config, WORLD2)
     with pytest.raises(ConfigError, match="already holds checkpoints.*resume=true"):
         plan_cpt(config_for(small_run, f"output_dir={tmp_path}", "resume=false"), WORLD2)
+    fake_checkpoint(tmp_path / "checkpoints", 6, **{**changes, "config": {"global_batch": 8, "data": {"seq_len": 64},
+                                                                          "init": "random"}})
+    with pytest.raises(ConfigError, match="trained with init=random, not pretrained"):  # CPT from scratch
+        plan_cpt(config, WORLD2)
 
 
 def test_resume_refuses_another_teacher_alpha_or_temperature(small_run, tmp_path):
@@ -255,6 +259,10 @@ def test_flops_per_token_follows_the_palm_formula():
     per_block = 4 * 16 * 16 + 3 * 16 * 32
     assert matmul_parameters(model) == 2 * per_block + 100 * 16  # blocks + LM head, no embedding lookup
     assert flops_per_token(model, 128) == 6 * (2 * per_block + 1600) + 12 * 2 * 16 * 128
+    from pruning.modules import find_sublayer_modules, remove_units
+
+    remove_units(model, [(0, "attn")], find_sublayer_modules(model))  # module-pruned: one layer without attention
+    assert flops_per_token(model, 128) == 6 * (2 * per_block - 4 * 16 * 16 + 1600) + 12 * 1 * 16 * 128
 
 
 def test_deepspeed_overrides_merge_over_ours(small_run):

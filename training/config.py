@@ -361,6 +361,7 @@ class TrainingConfig:
     resume: bool = True
     seed: int = 1234
     memory_check: bool = True
+    trust_remote_code: bool = False
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
     __field_docs__ = {
@@ -384,6 +385,8 @@ class TrainingConfig:
         "memory_check": "CPT on a GPU: refuse a run whose per-GPU memory estimate (training/memory.py) exceeds the "
                         "device's memory; false launches it anyway",
         "deepspeed": "extra DeepSpeed config merged over ours (e.g. {zero_optimization: {round_robin_gradients: true}})",
+        "trust_remote_code": "accept a model that carries its own modeling code (auto_map in config.json), e.g. a "
+                             "module-pruned checkpoint (launch/prune.py unit=module), and run that code",
     }
 
     def validate(self) -> None:
@@ -401,6 +404,7 @@ class CPTConfig(TrainingConfig):
     validation: ValidationSection = field(default_factory=ValidationSection)
     zeroshot: PeriodicZeroShotSection = field(default_factory=PeriodicZeroShotSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    init: Literal["pretrained", "random"] = "pretrained"
 
     __exclusive__ = (("train_steps", "train_tokens"),)  # an override of one clears the recipe's other
     __field_docs__ = {
@@ -408,6 +412,9 @@ class CPTConfig(TrainingConfig):
         "model": "pruned Hugging Face checkpoint (path, hub name or embedded:smollm2-135m)",
         "train_steps": "optimizer steps to train (set this or train_tokens)",
         "train_tokens": "tokens to train on; steps = ceil(tokens / (global_batch x seq_len))",
+        "init": "pretrained: start from the model's weights (the pruned network); random: the same architecture "
+                "re-initialised by the model's own _init_weights with `seed` (the paper's Figure 5 baseline, CPT from "
+                "scratch)",
     }
 
     def validate(self) -> None:
@@ -519,6 +526,9 @@ class ExportConfig:
     output_dir: Path = Path("outputs/cpt-export")
     dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
     overwrite: bool = False
+    trust_remote_code: bool = False
 
     __field_docs__ = {"checkpoint": "a committed checkpoint directory of a CPT or LoRA run, <run>/checkpoints/step_N",
-                      "dtype": "weights dtype of the export (training keeps fp32 master weights)"}
+                      "dtype": "weights dtype of the export (training keeps fp32 master weights)",
+                      "trust_remote_code": "the run's model carries its own modeling code (a module-pruned checkpoint): "
+                                           "run it to build the export"}

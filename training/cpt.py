@@ -16,6 +16,7 @@ from transformers import AutoConfig
 from data.config import ConfigError
 from data.embedded import resolve_tasks
 from data.loader import GlobalBatchLoader, collate
+from data.model_code import copy_model_code
 from data.packed import PackedSequences
 from data.precision import torch_dtype
 from data.shards import Manifest
@@ -39,7 +40,7 @@ class CPTPlan(RunPlan):
 
 def plan_cpt(config: CPTConfig, world: WorldInfo) -> CPTPlan:
     """The shared checks, plus the token data (tokenizer, size, validation split) and the zero-shot tasks."""
-    model_path = check_model_path(config.model)
+    model_path = check_model_path(config.model, config.trust_remote_code)
     tokenizer = load_tokenizer(model_path)
     manifest = Manifest.load(config.data.path)
     manifest.check_tokenizer(tokenizer)
@@ -57,10 +58,10 @@ def plan_cpt(config: CPTConfig, world: WorldInfo) -> CPTPlan:
         include = resolve_tasks(config.zeroshot.include_path) if config.zeroshot.include_path else None
         zeroshot_tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None)
     fingerprints = {"data": manifest.fingerprint, "model": model_fingerprint(model_path)}
-    invariants = {"global_batch": config.global_batch, "data.seq_len": config.data.seq_len}
+    invariants = {"global_batch": config.global_batch, "data.seq_len": config.data.seq_len, "init": config.init}
     fingerprints["teacher"] = None  # a distilled run resumed without its teacher is refused like another teacher
     if config.distill.teacher:
-        teacher_path = check_teacher(config.distill.teacher, tokenizer)
+        teacher_path = check_teacher(config.distill.teacher, tokenizer, config.trust_remote_code)
         fingerprints["teacher"] = model_fingerprint(teacher_path)
         invariants.update({"distill.alpha": config.distill.alpha, "distill.temperature": config.distill.temperature})
     plan = plan_training(config, world, model_path, fingerprints, config.total_steps(), config.data.seq_len, invariants)
@@ -75,17 +76,21 @@ def check_memory(config: CPTConfig, plan: RunPlan, teacher_path: str | None) -> 
 
     from training.memory import ModelShape, refusal, setup_for
 
-    teacher = ModelShape.from_config(AutoConfig.from_pretrained(teacher_path)) if teacher_path else None
-    setup = setup_for(config, plan.world.world_size, plan.precision, plan.attention, teacher)
-    problem = refusal(ModelShape.from_config(AutoConfig.from_pretrained(plan.model_path)), setup,
+    def shape(path: str) -> ModelShape:
+        trust = config.trust_remote_code
+        return ModelShape.from_config(AutoConfig.from_pretrained(path, trust_remote_code=trust), trust)
+
+    setup = setup_for(config, plan.world.world_size, plan.precision, plan.attention,
+                      shape(teacher_path) if teacher_path else None)
+    problem = refusal(shape(plan.model_path), setup,
                       torch.cuda.get_device_name(plan.device), torch.cuda.get_device_properties(plan.device).total_memory)
     if problem is not None:
         raise ConfigError(problem)
 
 
-def check_teacher(teacher: str, student_tokenizer) -> str:
+def check_teacher(teacher: str, student_tokenizer, trust_remote_code: bool) -> str:
     """The teacher's path; refused unless it reads text with exactly the student's tokenizer."""
-    path = check_model_path(teacher)
+    path = check_model_path(teacher, trust_remote_code)
     if load_tokenizer(path).get_vocab() != student_tokenizer.get_vocab():
         raise ConfigError(f"distill.teacher {teacher} has another tokenizer than the student: distillation "
                           "compares logits token by token, so use the model the student was pruned from")
@@ -98,12 +103,13 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
     rank = plan.world.rank
     tokenizer = load_tokenizer(plan.model_path)
 
-    def template(directory: Path) -> None:  # config + tokenizer: what an export of any checkpoint needs
+    def template(directory: Path) -> None:  # config, modeling code, tokenizer: what an export of any checkpoint needs
         AutoConfig.from_pretrained(plan.model_path).save_pretrained(directory)
+        copy_model_code(plan.model_path, directory)
         tokenizer.save_pretrained(directory)
 
     prepare_run_dir(config, rank, template)
-    model = load_model(config, plan)
+    model = load_model(config, plan, random_init=config.init == "random")
     data = config.data
     batches = varlen_collate if uses_flat_batches(plan.attention) else collate  # boundaries for varlen kernels
     loader = GlobalBatchLoader(PackedSequences(data.path, data.seq_len, "train", data.document_masking),
@@ -129,6 +135,7 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
     loss = causal_lm_loss
     if config.distill.teacher:
         distill = config.distill
-        loss = DistillLoss(load_teacher(config, plan, check_model_path(distill.teacher)), distill.alpha,
+        loss = DistillLoss(load_teacher(config, plan, check_model_path(distill.teacher, config.trust_remote_code)),
+                           distill.alpha,
                            distill.temperature, distill.chunk)
     return Trainer(config, plan, model, loader, should_stop, evaluations, export, loss)

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from data.artifacts import atomic_directory, library_versions, write_json_atomic
+from data.model_code import check_trust_remote_code
 from training.checkpoint import METADATA, CheckpointError
 from training.distributed import barrier
 from training.run_dir import RunDir
@@ -66,12 +67,14 @@ def write_lora_template(directory: Path, base_model: str, adapters) -> None:
     saved.save_pretrained(directory)
 
 
-def merge_lora_checkpoint(template: Path, adapter_state: dict[str, torch.Tensor]) -> PreTrainedModel:
+def merge_lora_checkpoint(template: Path, adapter_state: dict[str, torch.Tensor],
+                          trust_remote_code: bool = False) -> PreTrainedModel:
     """The base model named by the template with a checkpoint's adapters folded in."""
     from peft import PeftConfig, get_peft_model
 
     adapters = PeftConfig.from_pretrained(template)
-    base = AutoModelForCausalLM.from_pretrained(adapters.base_model_name_or_path, dtype=torch.float32)
+    base = AutoModelForCausalLM.from_pretrained(adapters.base_model_name_or_path, dtype=torch.float32,
+                                                trust_remote_code=trust_remote_code)
     model = get_peft_model(base, adapters)
     expected = {k for k in model.state_dict() if "lora_" in k}
     missing = sorted(expected - set(adapter_state))
@@ -82,7 +85,7 @@ def merge_lora_checkpoint(template: Path, adapter_state: dict[str, torch.Tensor]
     return model.merge_and_unload()
 
 
-def export_checkpoint(checkpoint: Path, output: Path, dtype: torch.dtype) -> Path:
+def export_checkpoint(checkpoint: Path, output: Path, dtype: torch.dtype, trust_remote_code: bool = False) -> Path:
     """A committed checkpoint (CPT or LoRA, any ZeRO stage and world size) -> an HF checkpoint, on one CPU process.
 
     The fp32 master weights are assembled by DeepSpeed's `get_fp32_state_dict_from_zero_checkpoint`.
@@ -99,13 +102,15 @@ def export_checkpoint(checkpoint: Path, output: Path, dtype: torch.dtype) -> Pat
     if not (template / "config.json").is_file():
         raise FileNotFoundError(f"{template} is missing: the run directory must hold the model template "
                                 "written at the start of training")
+    check_trust_remote_code(template, trust_remote_code)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint.parent), tag=checkpoint.name)
     if (template / ADAPTER_CONFIG).is_file():
-        model = merge_lora_checkpoint(template, state)
+        model = merge_lora_checkpoint(template, state, trust_remote_code)
         state = model.state_dict()
     else:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(template))
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(template),
+                                                     trust_remote_code=trust_remote_code)
     saved = json.loads((checkpoint / METADATA).read_text())
     info = {"step": saved["step"], "tokens": saved.get("tokens"), "source_checkpoint": str(checkpoint),
             "fingerprints": saved.get("fingerprints")}

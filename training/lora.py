@@ -24,6 +24,7 @@ from data.alpaca import AlpacaExamples, load_alpaca, pad_collate, split_validati
 from data.artifacts import write_json_atomic
 from data.config import ConfigError
 from data.loader import GlobalBatchLoader
+from data.model_code import copy_model_code
 from data.precision import torch_dtype
 from training.config import LoRAConfig
 from training.distributed import WorldInfo, barrier
@@ -35,7 +36,7 @@ from training.validation import ValidationLoss
 
 
 def plan_lora(config: LoRAConfig, world: WorldInfo) -> RunPlan:
-    model_path = check_model_path(config.model)
+    model_path = check_model_path(config.model, config.trust_remote_code)
     load_tokenizer(model_path)
     alpaca = load_alpaca(config.data.source, config.data.split)
     train, _ = split_validation(alpaca, config.data.val_size, config.data.seed)
@@ -65,6 +66,7 @@ def build_lora_trainer(config: LoRAConfig, plan: RunPlan, should_stop: Callable[
 
     def template(directory: Path) -> None:  # base config + tokenizer + adapter config: exports of any checkpoint
         AutoConfig.from_pretrained(plan.model_path).save_pretrained(directory)
+        copy_model_code(plan.model_path, directory)
         tokenizer.save_pretrained(directory)
         write_lora_template(directory, plan.model_path, adapters)
 

@@ -56,15 +56,16 @@ class ModelShape:
     vocab: int
 
     @classmethod
-    def from_config(cls, config) -> ModelShape:
-        """Counted on the meta device: exact for any architecture transformers builds, nothing allocated."""
+    def from_config(cls, config, trust_remote_code: bool = False) -> ModelShape:
+        """Counted on the meta device: exact for any architecture transformers builds, nothing allocated
+        (a module-pruned checkpoint's own code, which builds only the kept sub-layers, with trust_remote_code)."""
         import torch
         from transformers import AutoModelForCausalLM
 
         from pruning.layers import find_decoder_layers
 
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         blocks = find_decoder_layers(model)[1]
         heads = config.num_attention_heads
         return cls(parameters=sum(p.numel() for p in model.parameters()),

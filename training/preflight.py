@@ -23,6 +23,7 @@ from data.artifacts import directory_fingerprint
 from data.batch_layout import accumulation_steps
 from data.config import ConfigError
 from data.embedded import resolve_model
+from data.model_code import check_trust_remote_code, model_code_files
 from data.precision import resolve_device, resolve_precision
 from data.shards import DataMismatchError
 from training.attention import resolve_attention
@@ -74,20 +75,22 @@ def check_resume(config: TrainingConfig, checkpoint: Committed, fingerprints: di
     for key, now in invariants.items():
         then = saved["config"]
         for part in key.split("."):
-            then = then[part]
+            then = then.get(part, now)  # a key newer than the checkpoint: it was trained before the setting existed
         if then != now:
             raise ConfigError(f"{where} was trained with {key}={then}, not {now}: keep it to resume exactly, "
                               "or use a new output_dir")
 
 
-def check_model_path(model: str) -> str:
-    """The resolved model path; a local directory must be a Hugging Face checkpoint."""
+def check_model_path(model: str, trust_remote_code: bool) -> str:
+    """The resolved model path; a local directory must be a Hugging Face checkpoint, and one with its own
+    modeling code (module-pruned) needs `trust_remote_code`."""
     model_path = resolve_model(model)
     local = Path(model_path)
     if (local.is_absolute() or model_path.startswith(".") or local.exists()) and not (local / "config.json").is_file():
         raise ConfigError(f"model {model_path} is not a Hugging Face checkpoint directory (no config.json): "
                           "set model= to a checkpoint written by launch/prune.py, launch/cpt.py or transformers "
                           "(launch/eval.py also takes <run>/checkpoints/step_N)")
+    check_trust_remote_code(model_path, trust_remote_code)
     return model_path
 
 
@@ -120,6 +123,9 @@ def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fin
         device = torch.device("cuda", world.local_rank)
     precision = resolve_precision(config.precision, device)
     attention = resolve_attention(config.attn_implementation, device, precision)
+    if config.kernels == "liger" and model_code_files(model_path):
+        raise ConfigError("kernels=liger patches every layer's MLP and norms, and this module-pruned model lacks some "
+                          "of them: set kernels=none")
     check_kernels(config.kernels, device, config.zero_stage)
     check_trackers(config.logging)
     check_profile(config.profile, device, total_steps, world.world_size)

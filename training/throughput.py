@@ -37,7 +37,9 @@ def matmul_parameters(model: nn.Module) -> int:
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:
     config = model.config
-    return 6.0 * matmul_parameters(model) + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
+    skipped = getattr(config, "skipped_sublayers", None) or []  # layers a module-pruned model left without attention
+    attention_layers = config.num_hidden_layers - sum("attn" in units for units in skipped)
+    return 6.0 * matmul_parameters(model) + 12.0 * attention_layers * config.hidden_size * seq_len
 
 
 def peak_flops(device: torch.device, precision: str, override_tflops: float | None) -> float | None:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-from transformers import AutoModelForCausalLM, PreTrainedModel, set_seed
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, set_seed
 
 from data.artifacts import library_versions
 from data.config import merge_dicts, save_config, to_dict
@@ -121,18 +121,26 @@ def deepspeed_config(config: TrainingConfig, plan: RunPlan) -> dict:
     return merge_dicts(ds, config.deepspeed)
 
 
-def load_model(config: TrainingConfig, plan: RunPlan, path: str | None = None) -> PreTrainedModel:
+def load_model(config: TrainingConfig, plan: RunPlan, path: str | None = None,
+               random_init: bool = False) -> PreTrainedModel:
     """The model to train (or `path`, a teacher), in the run's precision (ZeRO-3: loaded straight into
     partitions), with its attention implementation, kernels, compiled blocks and activation checkpointing as
-    configured."""
+    configured. `random_init`: the same architecture, its weights drawn by the model's own `_init_weights`
+    (as `from_config` builds it) from `config.seed`, instead of loaded."""
     register_varlen()
     keep_alive = None
     if config.zero_stage == 3:  # while this object lives, from_pretrained loads into ZeRO-3 partitions
         from transformers.integrations import HfDeepSpeedConfig
 
         keep_alive = HfDeepSpeedConfig(deepspeed_config(config, plan))
-    model = AutoModelForCausalLM.from_pretrained(path or plan.model_path, dtype=torch_dtype(plan.precision),
-                                                 attn_implementation=plan.attention)
+    options = {"dtype": torch_dtype(plan.precision), "attn_implementation": plan.attention,
+               "trust_remote_code": config.trust_remote_code}
+    if random_init:
+        set_seed(config.seed)
+        model = AutoModelForCausalLM.from_config(
+            AutoConfig.from_pretrained(plan.model_path, trust_remote_code=config.trust_remote_code), **options)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path or plan.model_path, **options)
     del keep_alive
     model.config.use_cache = False
     if plan.attention == "varlen":

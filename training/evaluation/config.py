@@ -139,6 +139,7 @@ class EvalConfig:
     overwrite: bool = False
     device: str = "auto"
     dtype: Precision = "auto"
+    trust_remote_code: bool = False
     zeroshot: ZeroShotSection = field(default_factory=ZeroShotSection)
     perplexity: PerplexitySection = field(default_factory=PerplexitySection)
     latency: LatencySection = field(default_factory=LatencySection)
@@ -149,6 +150,7 @@ class EvalConfig:
         "models": "several: [{name: original, path: ...}, {name: pruned, path: ...}]",
         "compare": "results.json files of earlier evaluations to show in the same table",
         "dtype": PRECISION_DOC + " (the official evaluation: fp16 on the GPU)",
+        "trust_remote_code": "accept models that carry their own modeling code (module-pruned checkpoints) and run it",
     }
 
     def validate(self) -> None:

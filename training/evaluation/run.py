@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from data.artifacts import atomic_directory, check_output_dir, directory_fingerprint, library_versions
 from data.config import save_config, to_dict
 from data.embedded import resolve_model, resolve_tasks
+from data.model_code import check_trust_remote_code
 from data.precision import resolve_device, resolve_precision, torch_dtype
 from data.text import TextSourceError, load_documents
 from pruning.layers import count_parameters
@@ -40,12 +41,12 @@ from training.preflight import check_model_path
 # --- the stage ---------------------------------------------------------------------------------
 
 
-def resolve_checkpoint(path: str, scratch: Path) -> str:
+def resolve_checkpoint(path: str, scratch: Path, trust_remote_code: bool = False) -> str:
     """A committed training checkpoint is exported to an HF checkpoint first; anything else passes."""
     resolved = resolve_model(path)
     if (Path(resolved) / METADATA).is_file():
-        return str(export_checkpoint(Path(resolved), scratch / Path(resolved).name, torch.float32))
-    return check_model_path(resolved)
+        return str(export_checkpoint(Path(resolved), scratch / Path(resolved).name, torch.float32, trust_remote_code))
+    return check_model_path(resolved, trust_remote_code)
 
 
 def load_texts(config: PerplexitySection) -> dict[str, list[str]]:
@@ -61,20 +62,21 @@ def load_texts(config: PerplexitySection) -> dict[str, list[str]]:
     return texts
 
 
-def load_model(path: str, device: torch.device, dtype: torch.dtype) -> PreTrainedModel:
+def load_model(path: str, device: torch.device, dtype: torch.dtype, trust_remote_code: bool) -> PreTrainedModel:
     """Any checkpoint the pipeline makes; a quantized one (its config.json has a quantization_config)
     loads through its library's transformers integration, in the dtype it was saved in."""
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None):
-        return AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=str(device)).eval()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        return AutoModelForCausalLM.from_pretrained(path, dtype="auto", device_map=str(device),
+                                                    trust_remote_code=trust_remote_code).eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code).to(device).eval()
 
 
 def evaluate_model(entry: ModelEntry, path: str, config: EvalConfig, tasks: dict, texts: dict[str, list[str]],
                    device: torch.device, dtype: torch.dtype, meter: MemoryMeter) -> dict:
     from lm_eval.models.huggingface import HFLM
 
-    model = load_model(path, device, dtype)
+    model = load_model(path, device, dtype, config.trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(path)
     local = Path(path)
     quantization = getattr(model.config, "quantization_config", None)
@@ -109,6 +111,8 @@ def evaluate_models(config: EvalConfig) -> Path:
     device = resolve_device(config.device)
     config.latency.check_device(device.type)
     meter = MemoryMeter(device, config.latency.memory_limit_gb)
+    for entry in config.models:  # a module-pruned model is refused before anything loads, unless allowed
+        check_trust_remote_code(resolve_model(entry.path), config.trust_remote_code)
     earlier = [row for path in config.compare for row in json.loads(Path(path).read_text())["models"]]
     include = resolve_tasks(config.zeroshot.include_path) if config.zeroshot.include_path else None
     tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None) if config.zeroshot.tasks else {}
@@ -117,7 +121,7 @@ def evaluate_models(config: EvalConfig) -> Path:
     dtype = torch_dtype(precision)
     rows = []
     with tempfile.TemporaryDirectory(prefix="shorten-eval-") as scratch:
-        paths = [resolve_checkpoint(m.path, Path(scratch)) for m in config.models]
+        paths = [resolve_checkpoint(m.path, Path(scratch), config.trust_remote_code) for m in config.models]
         for entry, path in zip(config.models, paths, strict=True):
             print(f"== evaluating {entry.name}: {entry.path}", flush=True)
             rows.append(evaluate_model(entry, path, config, tasks, texts, device, dtype, meter))

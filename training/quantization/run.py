@@ -28,6 +28,7 @@ from data.artifacts import (
 )
 from data.config import ConfigError, save_config, to_dict
 from data.embedded import resolve_model, resolve_text
+from data.model_code import check_trust_remote_code
 from data.precision import resolve_device, resolve_precision, torch_dtype
 from data.text import load_documents
 from pruning.calibration import sample_calibration, sample_concatenated
@@ -137,6 +138,7 @@ def quantize(config: QuantizeConfig) -> QuantizeResult:
     check_output_dir(config.output_dir, config.overwrite)
     versions = {**library_versions(), **gptq.library_versions()}
     model_path = local_checkpoint(config.model)
+    check_trust_remote_code(model_path, config.trust_remote_code)
     linears = block_linears(AutoConfig.from_pretrained(model_path, trust_remote_code=config.trust_remote_code),
                             config.trust_remote_code)
     check_group_size(linears, config.group_size)
