@@ -1,19 +1,21 @@
 """Continued pretraining: its plan and its parts, on the shared DeepSpeed trainer.
 
   plan_cpt(config, world) -> CPTPlan               cheap checks, before any process group exists
-  build_cpt_trainer(config, plan, should_stop)     pruned model, packed token data, held-out loss,
-                                                   zero-shot, Hugging Face export of the final weights
+  build_cpt_trainer(config, plan, should_stop)     pruned model, packed token data (natural or a mixture
+                                                   over source sets), held-out loss overall and per set,
+                                                   the dynamic mixture, zero-shot, Hugging Face export
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 from transformers import AutoConfig
 
-from data.config import ConfigError
+from data.config import ConfigError, to_dict
 from data.embedded import resolve_tasks
 from data.loader import GlobalBatchLoader, collate
 from data.packed import PackedSequences
@@ -25,16 +27,18 @@ from training.config import CPTConfig
 from training.distill import DistillLoss, load_teacher
 from training.distributed import WorldInfo
 from training.export import export_from_engine
+from training.mixture import DynamicMixture, MixturePlan, measure_reference, plan_mixture, stored_reference
 from training.preflight import RunPlan, check_model_path, load_tokenizer, model_fingerprint, plan_training
 from training.run_dir import RunDir
 from training.trainer import PeriodicEvaluation, Trainer, causal_lm_loss, load_model, prepare_run_dir
-from training.validation import ValidationLoss
+from training.validation import SetLosses, ValidationLoss
 from training.zeroshot import ZeroShotEvaluation, load_tasks
 
 
 @dataclass
 class CPTPlan(RunPlan):
     zeroshot_tasks: dict | None = None  # lm-eval task objects, data loaded before launch
+    mixture: MixturePlan | None = None  # None: the natural order
 
 
 def plan_cpt(config: CPTConfig, world: WorldInfo) -> CPTPlan:
@@ -56,14 +60,21 @@ def plan_cpt(config: CPTConfig, world: WorldInfo) -> CPTPlan:
     if config.zeroshot.every_steps:  # datasets load now: a task unavailable offline fails before launch
         include = resolve_tasks(config.zeroshot.include_path) if config.zeroshot.include_path else None
         zeroshot_tasks = load_tasks(config.zeroshot.tasks, Path(include) if include else None)
+    mixture = plan_mixture(config, world, tokenizer, config.total_steps())
+    if mixture is not None and world.rank == 0:
+        print("\n".join(mixture.notes))
     fingerprints = {"data": manifest.fingerprint, "model": model_fingerprint(model_path)}
-    invariants = {"global_batch": config.global_batch, "data.seq_len": config.data.seq_len}
+    invariants = {"global_batch": config.global_batch, "data.seq_len": config.data.seq_len,
+                  "data.mixture": config.data.mixture}
+    if config.data.mixture == "dynamic":
+        invariants["data.dynamic"] = to_dict(config.data.dynamic)
     if config.distill.teacher:
         teacher_path = check_teacher(config.distill.teacher, tokenizer)
         fingerprints["teacher"] = model_fingerprint(teacher_path)
         invariants.update({"distill.alpha": config.distill.alpha, "distill.temperature": config.distill.temperature})
     plan = plan_training(config, world, model_path, fingerprints, config.total_steps(), config.data.seq_len, invariants)
-    return CPTPlan(**{f.name: getattr(plan, f.name) for f in fields(plan)}, zeroshot_tasks=zeroshot_tasks)
+    return CPTPlan(**{f.name: getattr(plan, f.name) for f in fields(plan)}, zeroshot_tasks=zeroshot_tasks,
+                   mixture=mixture)
 
 
 def check_teacher(teacher: str, student_tokenizer) -> str:
@@ -86,17 +97,28 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
         tokenizer.save_pretrained(directory)
 
     prepare_run_dir(config, rank, template)
-    model = load_model(config, plan)
-    data = config.data
+    data, validation, mixture = config.data, config.validation, plan.mixture
     batches = varlen_collate if uses_flat_batches(plan.attention) else collate  # boundaries for varlen kernels
-    loader = GlobalBatchLoader(PackedSequences(data.path, data.seq_len, "train", data.document_masking),
-                               config.global_batch, config.micro_batch, plan.world.world_size, rank, data.seed,
-                               data.num_workers, collate_fn=batches)
+    per_set = None
+    if validation.per_set() and (validation.every_steps or data.mixture == "dynamic") and \
+            "validation" in Manifest.load(data.path).data["splits"]:
+        per_set = SetLosses(PackedSequences(data.path, data.seq_len, "validation", data.document_masking, by_set=True),
+                            validation.per_set(), config.micro_batch, plan.world, batches)
+    reference = mixture_reference(config, plan, per_set) if data.mixture == "dynamic" else None  # before the model
+    model = load_model(config, plan)
+    train = PackedSequences(data.path, data.seq_len, "train", data.document_masking, by_set=mixture is not None)
+    loader = GlobalBatchLoader(train, config.global_batch, config.micro_batch, plan.world.world_size, rank, data.seed,
+                               data.num_workers, collate_fn=batches, mixture=mixture.weights if mixture else None,
+                               on_exhausted=data.on_exhausted)
     evaluations: list[PeriodicEvaluation] = []
-    if config.validation.every_steps and config.validation.sequences:
+    if validation.every_steps and validation.sequences:
         held_out = PackedSequences(data.path, data.seq_len, "validation", data.document_masking)
-        evaluations.append(ValidationLoss(held_out, config.validation.sequences, config.micro_batch, plan.world,
-                                          config.validation.every_steps, batches))
+        evaluations.append(ValidationLoss(held_out, validation.sequences, config.micro_batch, plan.world,
+                                          validation.every_steps, batches, per_set))
+    if reference is not None:
+        dynamic = data.dynamic
+        evaluations.append(DynamicMixture(per_set, loader, reference, dynamic.update_every, dynamic.eta,
+                                          dynamic.smoothing, dynamic.clip_gaps))
     if plan.zeroshot_tasks is not None:
         zeroshot = config.zeroshot
         evaluations.append(ZeroShotEvaluation(plan.zeroshot_tasks, zeroshot.tasks, tokenizer, zeroshot.every_steps,
@@ -115,3 +137,26 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
         loss = DistillLoss(load_teacher(config, plan, check_model_path(distill.teacher)), distill.alpha,
                            distill.temperature, distill.chunk)
     return Trainer(config, plan, model, loader, should_stop, evaluations, export, loss)
+
+
+def mixture_reference(config: CPTConfig, plan: CPTPlan, held_out: SetLosses) -> dict[str, float]:
+    """The dynamic mixture's reference loss per set: the config's, the one an earlier start of this run
+    measured, or the unpruned model's held-out loss measured now (all ranks together, before the student is
+    loaded, so the two never share a device)."""
+    if config.data.dynamic.reference:
+        return dict(config.data.dynamic.reference)
+    path = plan.mixture.reference_model
+    identity = {"model": path, "model_fingerprint": model_fingerprint(path), "data": plan.fingerprints["data"],
+                "seq_len": config.data.seq_len, "sequences": config.validation.per_set(), "sets": held_out.sets}
+    run_dir = Path(config.output_dir)
+    stored = stored_reference(run_dir, identity)
+    if stored is not None:
+        return stored
+    started = time.perf_counter()
+    reference_model = load_teacher(config, plan, path)
+    losses = measure_reference(reference_model, held_out, run_dir, identity, plan.world.rank)
+    del reference_model
+    if plan.world.rank == 0:
+        print(f"reference loss per set, {path} on the held-out sequences ({time.perf_counter() - started:.0f} s): "
+              + ", ".join(f"{name} {loss:.4f}" for name, loss in losses.items()))
+    return losses
