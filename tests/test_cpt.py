@@ -79,6 +79,11 @@ def val_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["val.loss"] for r in records(run_dir) if "val.loss" in r}
 
 
+def mixture_weights(run_dir: Path) -> dict[int, dict[str, float]]:
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("mixture.weight.")} for r in records(run_dir)
+            if any(k.startswith("mixture.weight.") for k in r)}
+
+
 def exported_weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "exports" / tag_for(step) / "model.safetensors")
 
@@ -91,12 +96,20 @@ def assert_learns(run_dir: Path) -> None:
     assert val[STEPS] < val[0] - 0.5, val
 
 
+def mixed(inputs) -> list[str]:
+    """ZeRO-2 on Sheared-LLaMA's dynamic mixture of the data's two source sets: weights updated every 3 steps,
+    the reference measured on the model itself before training. The reference run and every run compared
+    with it use it, so their bitwise equality covers the mixture's resume on any world size."""
+    return ["zero_stage=2", "data.mixture=dynamic", "data.dynamic.update_every=3",
+            f"data.dynamic.reference_model={inputs['model']}"]
+
+
 @pytest.fixture(scope="module")
 def reference(inputs):
-    """An uninterrupted ZeRO-2 run: the baseline that every interrupted run must reproduce."""
+    """An uninterrupted ZeRO-2 run on a dynamic mixture: the baseline that every interrupted run must reproduce."""
     run_dir = inputs["root"] / "reference"
     shared_memory = set(Path("/dev/shm").glob("deepspeed_*"))
-    run_cpt(inputs, run_dir, "zero_stage=2")
+    run_cpt(inputs, run_dir, *mixed(inputs))
     (run_dir / "leaked_shared_memory.txt").write_text("".join(
         f"{path}\n" for path in sorted(set(Path("/dev/shm").glob("deepspeed_*")) - shared_memory)))
     return run_dir
@@ -112,6 +125,12 @@ def test_zero2_trains_logs_and_exports(reference, inputs):
                 "perf.memory_gb"):
         assert key in step, key
     assert step["train.tokens"] == 3 * 8 * 64
+    sets = ("RedPajamaC4", "RedPajamaWikipedia")
+    for row in (r for r in rows if "val.loss" in r):  # per-set held-out loss beside the overall one
+        assert all(f"val.loss.{name}" in row and f"val.ppl.{name}" in row for name in sets)
+    weights = mixture_weights(reference)  # the dynamic mixture: logged at the start and at every update
+    assert sorted(weights) == [0, 3, 6, 9] and all(sum(w.values()) == pytest.approx(1) for w in weights.values())
+    assert weights[9] != weights[0] and (reference / "mixture_reference.json").is_file()
     assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
     committed = [c.step for c in CheckpointStore(reference / "checkpoints", 0, 10, 0).committed()]
     assert committed == [2, 4, 6, 8, 10]
@@ -162,7 +181,7 @@ def rank_process(launcher: subprocess.Popen, rank: int) -> psutil.Process:
 
 def test_sigusr1_stop_and_restart_equals_uninterrupted_run(inputs, reference, tmp_path):
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(cpt_command(inputs, run_dir, "zero_stage=2"), env=environment(), cwd=ROOT,
+    launcher = subprocess.Popen(cpt_command(inputs, run_dir, *mixed(inputs)), env=environment(), cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(run_dir, 3, launcher)
     rank_process(launcher, 1).send_signal(signal.SIGUSR1)  # one rank only: the others learn it at the all-reduce
@@ -172,9 +191,10 @@ def test_sigusr1_stop_and_restart_equals_uninterrupted_run(inputs, reference, tm
     assert 3 <= stopped < STEPS, stopped
     assert max(train_losses(run_dir)) == stopped
 
-    result = run_cpt(inputs, run_dir, "zero_stage=2")
+    result = run_cpt(inputs, run_dir, *mixed(inputs))
     assert f"resumed from {run_dir / 'checkpoints' / tag_for(stopped)}" in result.stdout
     assert train_losses(run_dir) == train_losses(reference)  # bitwise, every step
+    assert mixture_weights(run_dir) == mixture_weights(reference)
     assert val_losses(run_dir) == val_losses(reference)
     resumed, uninterrupted = exported_weights(run_dir), exported_weights(reference)
     assert resumed.keys() == uninterrupted.keys()
@@ -185,13 +205,13 @@ def test_sigusr1_stop_and_restart_equals_uninterrupted_run(inputs, reference, tm
 def test_sigkill_while_writing_a_checkpoint_resumes_from_the_previous_one(inputs, reference, tmp_path):
     run_dir = tmp_path / "run"
     script = ROOT / "tests" / "scripts" / "cpt_killed_while_saving.py"
-    run_cpt(inputs, run_dir, "zero_stage=2", script=script, script_args=("--kill-at-step=6",),
+    run_cpt(inputs, run_dir, *mixed(inputs), script=script, script_args=("--kill-at-step=6",),
             expect=256 - signal.SIGKILL)  # the launcher exits with its dead child's -9
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / f".tmp-{tag_for(6)}").is_dir(), "the half-written checkpoint is left as it died"
     assert (checkpoints / "latest").read_text().strip() == tag_for(4)
 
-    result = run_cpt(inputs, run_dir, "zero_stage=2")
+    result = run_cpt(inputs, run_dir, *mixed(inputs))
     assert f"removed .tmp-{tag_for(6)}" in result.stdout
     assert f"resumed from {checkpoints / tag_for(4)}" in result.stdout
     assert not (checkpoints / f".tmp-{tag_for(6)}").exists()
@@ -203,7 +223,7 @@ def test_world_size_2_to_1_continues_on_the_exact_next_samples(inputs, reference
     shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns("exports", "step_0000000[68]",
                                                                       "step_00000010"))
     (run_dir / "checkpoints" / "latest").write_text(tag_for(4))
-    result = run_cpt(inputs, run_dir, "zero_stage=2", nprocs=1)
+    result = run_cpt(inputs, run_dir, *mixed(inputs), nprocs=1)
     assert "world size 2 -> 1" in result.stdout
     assert (run_dir / "checkpoints" / f"{tag_for(4)}.universal").is_dir()
     assert "accumulation 4" in result.stdout  # same global batch of 8 from one rank
@@ -212,6 +232,9 @@ def test_world_size_2_to_1_continues_on_the_exact_next_samples(inputs, reference
         assert after[step] == pytest.approx(before[step], rel=2e-5, abs=0), step
     # a different batch at the same weights would differ by far more than that tolerance
     assert abs(before[5] - before[6]) > 1e-3
+    resumed, uninterrupted = mixture_weights(run_dir), mixture_weights(reference)  # updated on 1 rank from step 4
+    for step in (6, 9):
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-9), step
 
 
 def test_exported_checkpoint_has_the_engines_logits_and_offline_export_matches(inputs, tmp_path,
@@ -250,7 +273,7 @@ def test_exported_checkpoint_has_the_engines_logits_and_offline_export_matches(i
 def test_sigterm_to_every_process_with_loader_workers_commits_and_resumes_exactly(inputs, reference, tmp_path):
     """As Slurm preempts: SIGTERM to the launcher, its ranks and their DataLoader workers at once."""
     run_dir = tmp_path / "run"
-    launcher = subprocess.Popen(cpt_command(inputs, run_dir, "zero_stage=2", "data.num_workers=1"),
+    launcher = subprocess.Popen(cpt_command(inputs, run_dir, *mixed(inputs), "data.num_workers=1"),
                                 env=environment(), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, start_new_session=True)
     wait_for_step(run_dir, 3, launcher)
@@ -272,7 +295,7 @@ def test_sigterm_to_every_process_with_loader_workers_commits_and_resumes_exactl
     print(f"signal to committed checkpoint: {max(seconds):.2f} s "
           f"({sum(f.stat().st_size for f in (run_dir / 'checkpoints' / tag_for(stopped)).rglob('*')) / 1e6:.1f} MB)")
 
-    result = run_cpt(inputs, run_dir, "zero_stage=2", "data.num_workers=1")
+    result = run_cpt(inputs, run_dir, *mixed(inputs), "data.num_workers=1")
     assert f"resumed from {run_dir / 'checkpoints' / tag_for(stopped)}" in result.stdout
     assert train_losses(run_dir) == train_losses(reference)
     resumed, uninterrupted = exported_weights(run_dir), exported_weights(reference)
@@ -289,7 +312,7 @@ def test_a_truncated_rank_file_refuses_the_latest_checkpoint_and_resumes_from_th
     victim = checkpoints / tag_for(6) / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     size = victim.stat().st_size
     os.truncate(victim, size // 2)
-    result = run_cpt(inputs, run_dir, "zero_stage=2")
+    result = run_cpt(inputs, run_dir, *mixed(inputs))
     assert (f"checkpoint {checkpoints / tag_for(6)} is not whole (zero_pp_rank_1_mp_rank_00_optim_states.pt has "
             f"{size // 2:,} bytes, its commit recorded {size:,})") in result.stdout
     assert f"resumed from {checkpoints / tag_for(4)}" in result.stdout

@@ -95,7 +95,8 @@ def test_a_loader_worker_outlives_sigterm_and_sigusr1_from_outside(tmp_path):
 
 
 def test_exit_codes_of_the_outcomes():
-    assert [stop_signals.exit_code(o, 0) for o in ("completed", "preempted", "diverged")] == [0, 75, 3]
+    outcomes = ("completed", "preempted", "diverged", "data exhausted")
+    assert [stop_signals.exit_code(o, 0) for o in outcomes] == [0, 75, 3, 0]
 
 
 def test_watchdog_dumps_stacks_and_names_the_rank_behind(tmp_path, capsys):

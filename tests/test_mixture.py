@@ -307,3 +307,69 @@ def test_dynamic_mixture_moves_toward_the_largest_gap_and_the_loader_resumes_it_
     state = json.loads(json.dumps(loader.state_dict()))  # as a checkpoint stores it
     after = [torch.cat([next(batches)["index"] for _ in range(loader.accumulation)]).tolist() for _ in range(2)]
     assert global_order(by_set, 2, count=2, state=state) == after
+
+
+@pytest.fixture(scope="module")
+def small_mixture(cpt_inputs, tmp_path_factory):
+    """The tiny model with a small two-set corpus: 60 C4 documents, 40 short Wikipedia paragraphs."""
+    import textwrap
+
+    from data.prepare import PrepareConfig, prepare
+    from data.text import load_documents
+
+    root = tmp_path_factory.mktemp("small-mixture")
+    c4 = load_documents("embedded:c4_demo.jsonl")[:60]
+    wiki = textwrap.wrap(load_documents("embedded:wiki_demo.txt")[0], 400)[:40]
+    for name, docs in (("c4.jsonl", c4), ("wiki.jsonl", wiki)):
+        (root / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    prepare(load_config(PrepareConfig, None, [f"inputs=[{root / 'c4.jsonl'},{root / 'wiki.jsonl'}]",
+                                              f"output_dir={root / 'tokens'}", f"tokenizer={cpt_inputs['model']}",
+                                              "validation_fraction=0.2", "num_workers=1",
+                                              "set_by_file={'c4*': RedPajamaC4, 'wiki*': RedPajamaWikipedia}"]))
+    return {**cpt_inputs, "tokens": root / "tokens"}
+
+
+@pytest.mark.slow
+def test_a_dynamic_run_logs_its_weights_and_stops_where_a_set_runs_out(small_mixture, tmp_path, single_process_group,
+                                                                       capsys):
+    """In-process CPT (real DeepSpeed, one rank): the reference is the model's own loss, measured once and
+    stored; weights and per-set losses are logged; Wikipedia runs out and the run ends there, checkpointed
+    and exported; started again, it resumes with the stored weights and stops at once."""
+    from training.checkpoint import CheckpointStore
+    from training.cpt import build_cpt_trainer, plan_cpt
+    from training.mixture import REFERENCE_FILE
+
+    run_dir, inputs = tmp_path / "run", small_mixture
+    config = load_config(CPTConfig, None, [
+        f"model={inputs['model']}", f"data.path={inputs['tokens']}", f"output_dir={run_dir}",
+        "data.seq_len=64", "global_batch=8", "micro_batch=4", "train_steps=40", "data.num_workers=0",
+        "data.mixture=dynamic", "data.dynamic.initial={RedPajamaC4: 0.1, RedPajamaWikipedia: 0.9}",
+        f"data.dynamic.reference_model={inputs['model']}", "data.dynamic.update_every=2", "optimizer.lr=3e-3",
+        "data.on_exhausted=stop", "validation.every_steps=2", "validation.sequences=4", "validation.set_sequences=4",
+        "checkpoint.every_steps=0", "checkpoint.every_minutes=0"])
+    trainer = build_cpt_trainer(config, plan_cpt(config, single_process_group), should_stop=lambda: False)
+    assert trainer.train() == "data exhausted"
+    stopped = trainer.step
+    output = capsys.readouterr().out
+    assert "reference loss per set" in output and f"stopping after step {stopped}: source set {WIKI} has run out" in output
+    logged: dict[int, dict] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        logged.setdefault(record["step"], {}).update(record)
+    weights = {step: r[f"mixture.weight.{WIKI}"] for step, r in logged.items() if f"mixture.weight.{WIKI}" in r}
+    assert sorted(weights) == list(range(0, stopped + 1, 2)) and weights[0] == 0.9 and len(set(weights.values())) > 2
+    assert all(f"val.loss.{C4}" in logged[step] and f"mixture.gap.{WIKI}" in logged[step] for step in weights if step)
+    reference = json.loads((run_dir / REFERENCE_FILE).read_text())["losses"]
+    for name in (C4, WIKI):  # the reference model is the model at step 0: no gap yet
+        assert logged[0][f"val.loss.{name}"] == pytest.approx(reference[name], rel=1e-6)
+        assert logged[0][f"mixture.reference.{name}"] == reference[name]
+    checkpoint = CheckpointStore(run_dir / "checkpoints", 0, 2, 0).latest()
+    assert checkpoint.step == stopped and (run_dir / "exports" / checkpoint.tag).is_dir()
+    state = checkpoint.metadata()["loader"]["mixture"]
+    wiki = len(PackedSequences(inputs["tokens"], 64, by_set=True).set_ranges[WIKI])
+    assert state["drawn"][WIKI] <= wiki < state["drawn"][WIKI] + 8 * state["weights"][WIKI] + 2
+
+    again = build_cpt_trainer(config, plan_cpt(config, single_process_group), should_stop=lambda: False)
+    assert again.loader.weights == state["weights"] and again.step == stopped
+    assert again.train() == "data exhausted" and again.step == stopped
+    assert "reference loss per set" not in capsys.readouterr().out  # measured once, read back
