@@ -177,6 +177,8 @@ class GlobalBatchLoader:
         self.mixture_state: MixtureState | None = None
         if mixture is not None:
             ranges = dataset.set_ranges
+            if set(mixture) - set(ranges):
+                raise ValueError(f"mixture names sets the data does not have: {sorted(set(mixture) - set(ranges))}")
             self.mixture_state = MixtureState(normalized({name: mixture.get(name, 0.0) for name in ranges}))
         self._restart = False
         self._notes: list[str] = []
@@ -210,9 +212,9 @@ class GlobalBatchLoader:
         saved = state.get("mixture")
         if (saved is None) != (self.mixture_state is None) or (
                 saved is not None and set(saved["weights"]) != set(self.mixture_state.weights)):
-            raise DataMismatchError("the checkpoint's data position was taken with "
-                                    f"{'the natural order' if saved is None else 'a mixture over ' + str(sorted(saved['weights']))}"
-                                    ": keep data.mixture as it was to resume exactly")
+            taken = "the natural order" if saved is None else f"a mixture over {', '.join(sorted(saved['weights']))}"
+            raise DataMismatchError(f"the checkpoint's data position was taken in {taken}: keep data.mixture as it "
+                                    "was to resume exactly")
         self.seed = state["seed"]
         self.consumed_samples = state["consumed_samples"]
         if saved is not None:

@@ -4,9 +4,11 @@ Every sequence of a by-set `PackedSequences` holds `seq_len` tokens of one sourc
 of sequences is a share of tokens. The sample positions of a run are dealt to the sets by smooth
 weighted round-robin: before each position every set's credit grows by its weight, the set with
 the largest credit (among those with weight > 0; ties to the first name) takes the position and
-pays 1. A set's count after any number of positions is within 1 of the sum of its weights over
-them, so every window of positions (a global batch, a rank's slice of it, a few steps) holds each
-set's share to within 2 sequences, whatever the weights did before (dynamic mixtures change them).
+pays 1. A set's credit is its weighted share minus its count: it never falls to -1 (a set is only
+picked while its credit is the largest, at least 1/k of the weights' sum) and stayed below 1.3 in
+checks with up to 16 sets and weights changed mid-run, so every window of positions (a global
+batch, a rank's slice of it, a few steps) holds each set's share to within about 2 sequences,
+whatever the weights did before (dynamic mixtures change them).
 A global batch is dealt whole on every rank and each rank takes its slice, so the order depends on
 neither the world size nor the loader workers.
 

@@ -233,8 +233,8 @@ def test_world_size_2_to_1_continues_on_the_exact_next_samples(inputs, reference
     # a different batch at the same weights would differ by far more than that tolerance
     assert abs(before[5] - before[6]) > 1e-3
     resumed, uninterrupted = mixture_weights(run_dir), mixture_weights(reference)  # updated on 1 rank from step 4
-    for step in (6, 9):
-        assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-9), step
+    for step in (6, 9):  # from held-out losses of weights that differ as little as the losses above
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=2e-5), step
 
 
 def test_exported_checkpoint_has_the_engines_logits_and_offline_export_matches(inputs, tmp_path,

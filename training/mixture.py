@@ -66,18 +66,16 @@ class DynamicMixture:
         self.sets = dynamic_sets(loader.weights)
 
     def __call__(self, engine) -> dict[str, float]:
-        weights = self.loader.weights
-        gaps = {}
-        if engine.global_steps > 0:  # step 0 logs the starting point; the first update is at update_every
-            losses = self.held_out.losses(engine)
+        if engine.global_steps == 0:  # the starting point; the first update is at update_every
+            logged = {f"mixture.reference.{n}": self.reference[n] for n in self.sets}
+        else:
+            losses, weights = self.held_out.losses(engine), self.loader.weights
             steered = update_weights({n: weights[n] for n in self.sets}, losses, self.reference, self.eta,
                                      self.smoothing, self.clip_gaps)
-            weights = {**weights, **steered}
-            self.loader.set_weights(weights)
-            gaps = {f"mixture.gap.{n}": losses[n] - self.reference[n] for n in self.sets}
-        else:
-            gaps = {f"mixture.reference.{n}": self.reference[n] for n in self.sets}
-        return {**{f"mixture.weight.{n}": weights[n] for n in self.sets}, **gaps}
+            self.loader.set_weights({**weights, **steered})
+            logged = {f"mixture.gap.{n}": losses[n] - self.reference[n] for n in self.sets}
+        weights = self.loader.weights
+        return {**{f"mixture.weight.{n}": weights[n] for n in self.sets}, **logged}
 
 
 def dynamic_sets(weights: dict[str, float]) -> list[str]:
