@@ -19,7 +19,7 @@ from data.config import ConfigError, load_config
 from data.loader import DataExhausted, GlobalBatchLoader
 from data.mixture import MixtureState, SetMixture
 from data.packed import PackedSequences
-from data.shards import Manifest, set_ranges
+from data.shards import DataMismatchError, Manifest, set_ranges
 from training.config import CPTConfig
 from training.distributed import WorldInfo
 from training.mixture import DynamicMixture, plan_mixture, update_weights
@@ -148,7 +148,7 @@ def test_resume_is_exact_on_another_world_size_and_costs_no_replay(by_set):
     far = {**state, "consumed_samples": 16 * 10**9, "mixture": {**state["mixture"], "drawn": {C4: 11 * 10**9,
                                                                                                WIKI: 5 * 10**9}}}
     assert len(global_order(by_set, 2, count=1, state=far)[0]) == 16  # arithmetic, not a replay of 1e9 steps
-    with pytest.raises(Exception, match="keep data.mixture"):
+    with pytest.raises(DataMismatchError, match="keep data.mixture"):
         GlobalBatchLoader(PackedSequences(by_set.inner.manifest.directory, SEQ), 16, 2).load_state_dict(state)
 
 
@@ -373,3 +373,10 @@ def test_a_dynamic_run_logs_its_weights_and_stops_where_a_set_runs_out(small_mix
     assert again.loader.weights == state["weights"] and again.step == stopped
     assert again.train() == "data exhausted" and again.step == stopped
     assert "reference loss per set" not in capsys.readouterr().out  # measured once, read back
+
+
+def test_tokens_of_the_previous_format_are_refused_with_the_fix(tmp_path):
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": "shorten-tokens/2"}))
+    with pytest.raises(DataMismatchError, match=r"format 'shorten-tokens/2', expected 'shorten-tokens/3' \(documents grouped "
+                                        r"by source set.*tokenize the data again"):
+        PackedSequences(tmp_path, 64)

@@ -20,7 +20,7 @@ from data.embedded import resolve_tasks
 from data.loader import GlobalBatchLoader, collate
 from data.packed import PackedSequences
 from data.precision import torch_dtype
-from data.shards import Manifest
+from data.shards import DataMismatchError, Manifest
 from data.varlen import varlen_collate
 from training.attention import uses_flat_batches
 from training.config import CPTConfig
@@ -56,6 +56,12 @@ def plan_cpt(config: CPTConfig, world: WorldInfo) -> CPTPlan:
         if min(len(held_out), config.validation.sequences) < world.world_size:
             raise ConfigError(f"validation needs at least one sequence per rank ({world.world_size}), the split "
                               f"has {len(held_out)}: set validation.sequences higher or validation.every_steps=0")
+        sets = held_out_by_set(config)
+        few = sorted(name for name, items in (sets.set_ranges if sets else {}).items()
+                     if min(len(items), config.validation.per_set()) < world.world_size)
+        if config.validation.per_set() and few and world.rank == 0:
+            print(f"val.loss.<set> leaves out {', '.join(few)}: fewer held-out sequences of {config.data.seq_len} "
+                  f"tokens than ranks ({world.world_size})")
     zeroshot_tasks = None
     if config.zeroshot.every_steps:  # datasets load now: a task unavailable offline fails before launch
         include = resolve_tasks(config.zeroshot.include_path) if config.zeroshot.include_path else None
@@ -99,11 +105,9 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
     prepare_run_dir(config, rank, template)
     data, validation, mixture = config.data, config.validation, plan.mixture
     batches = varlen_collate if uses_flat_batches(plan.attention) else collate  # boundaries for varlen kernels
-    per_set = None
-    if validation.per_set() and (validation.every_steps or data.mixture == "dynamic") and \
-            "validation" in Manifest.load(data.path).data["splits"]:
-        per_set = SetLosses(PackedSequences(data.path, data.seq_len, "validation", data.document_masking, by_set=True),
-                            validation.per_set(), config.micro_batch, plan.world, batches)
+    held_out_sets = held_out_by_set(config) if validation.every_steps or data.mixture == "dynamic" else None
+    per_set = SetLosses(held_out_sets, validation.per_set(), config.micro_batch, plan.world, batches) \
+        if held_out_sets is not None and validation.per_set() else None
     reference = mixture_reference(config, plan, per_set) if data.mixture == "dynamic" else None  # before the model
     model = load_model(config, plan)
     train = PackedSequences(data.path, data.seq_len, "train", data.document_masking, by_set=mixture is not None)
@@ -137,6 +141,17 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
         loss = DistillLoss(load_teacher(config, plan, check_model_path(distill.teacher)), distill.alpha,
                            distill.temperature, distill.chunk)
     return Trainer(config, plan, model, loader, should_stop, evaluations, export, loss)
+
+
+def held_out_by_set(config: CPTConfig) -> PackedSequences | None:
+    """The validation split's sequences by source set; None without a split or with no set long enough."""
+    if "validation" not in Manifest.load(config.data.path).data["splits"]:
+        return None
+    try:
+        return PackedSequences(config.data.path, config.data.seq_len, "validation", config.data.document_masking,
+                               by_set=True)
+    except DataMismatchError:
+        return None
 
 
 def mixture_reference(config: CPTConfig, plan: CPTPlan, held_out: SetLosses) -> dict[str, float]:
