@@ -390,6 +390,13 @@ def summarize_shards(shards_by_split: dict[str, list[dict]]) -> dict:
             "filtered_sets": dict(filtered)}
 
 
+def describe_sets(manifest: dict) -> str:
+    """One line: each source set's tokens and share (both splits), what `data.mixture` weights refer to."""
+    total = sum(stats["tokens"] for stats in manifest["sets"].values()) or 1
+    return "source sets: " + ", ".join(f"{name} {stats['tokens']:,} tokens ({stats['tokens'] / total:.1%})"
+                                       for name, stats in sorted(manifest["sets"].items()))
+
+
 def build_manifest(config: PrepareConfig, tokenizer_info: dict, dtype: np.dtype,
                    shards_by_split: dict[str, list[dict]], num_inputs: int) -> dict:
     """The manifest a loader reads: tokenizer identity (`tokenizer_info`: name, fingerprint, bos_id,
