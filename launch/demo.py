@@ -71,7 +71,8 @@ def run_stage(command: list[str], run_dir: Path) -> None:
                 print(line, end="", flush=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{command[0]} {command[1]} failed:\n" + "".join(lines[-40:]))
-    print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}    metrics: {run_dir / 'metrics.jsonl'}")
+    print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}    metrics: {run_dir / 'metrics.jsonl'}    "
+          f"curves: {run_dir / 'curves.png'}")
 
 
 def continue_pretraining(config: DemoConfig, model_dir: Path, tokens_dir: Path) -> Path:

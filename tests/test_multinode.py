@@ -85,7 +85,7 @@ def recipe(nodes, smollm2_dir, cpt_inputs) -> Path:
         "data": {"path": str(cpt_inputs["tokens"]), "seq_len": 32},
         "validation": {"every_steps": CHECKPOINT_STEP, "sequences": 8},
         "checkpoint": {"every_steps": CHECKPOINT_STEP, "every_minutes": 0, "keep_last": 10, "permanent_every": 0},
-        "logging": {"tensorboard": False}, "distributed": {"timeout_minutes": 2}}))
+        "logging": {"trackers": []}, "distributed": {"timeout_minutes": 2}}))
     return path
 
 

@@ -30,7 +30,7 @@ def cpt_recipe(cpt_inputs, path: Path, run_dir: Path) -> Path:
     recipe = {"model": str(cpt_inputs["model"]), "output_dir": str(run_dir), "train_steps": STEPS,
               "global_batch": 8, "micro_batch": 2, "data": {"path": str(cpt_inputs["tokens"]), "seq_len": 64},
               "optimizer": {"lr": 3e-3}, "checkpoint": {"every_steps": 3, "every_minutes": 0},
-              "validation": {"every_steps": 0}, "logging": {"tensorboard": False}}
+              "validation": {"every_steps": 0}, "logging": {"trackers": []}}
     path.write_text(yaml.safe_dump(recipe))
     return path
 

@@ -24,7 +24,7 @@ from training.trainer import deepspeed_config, zero_settings
 
 COMMON = ["data.seq_len=64", "global_batch=4", "micro_batch=2", "train_steps=2", "validation.every_steps=2",
           "validation.sequences=4", "checkpoint.every_steps=0", "checkpoint.every_minutes=0",
-          "checkpoint.export_at_end=false", "logging.tensorboard=false", "data.num_workers=0"]
+          "checkpoint.export_at_end=false", "logging.trackers=[]", "data.num_workers=0"]
 
 
 def build_trainer(inputs, run_dir, world, *overrides):

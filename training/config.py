@@ -216,19 +216,86 @@ class WatchdogSection:
 
 
 @dataclass
+class WandbSection:
+    """Weights & Biases (`logging.trackers: [wandb]`, the `shorten[wandb]` extra)."""
+
+    project: str = "shorten"
+    entity: str | None = None
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    mode: Literal["online", "offline"] | None = None
+
+    __field_docs__ = {
+        "entity": "W&B team or user (default: the logged-in user's default entity)",
+        "name": "the run's display name (default: the run directory's name)",
+        "mode": "offline: write under <output_dir>/wandb/ only, upload later with `wandb sync <output_dir>/wandb` "
+                "(compute nodes without internet); null: WANDB_MODE, else online",
+    }
+
+
+@dataclass
+class MlflowSection:
+    """MLflow (`logging.trackers: [mlflow]`, the `shorten[mlflow]` extra)."""
+
+    tracking_uri: str | None = None
+    experiment: str = "shorten"
+    run_name: str | None = None
+
+    __field_docs__ = {
+        "tracking_uri": "null: MLFLOW_TRACKING_URI, else a local store in the run directory "
+                        "(sqlite:///<output_dir>/mlflow.db, artifacts in <output_dir>/mlflow-artifacts)",
+        "run_name": "the run's name (default: the run directory's name)",
+    }
+
+
+@dataclass
 class LoggingSection:
     every_steps: int = 1
-    tensorboard: bool = True
+    trackers: list[Literal["tensorboard", "wandb", "mlflow"]] = field(default_factory=lambda: ["tensorboard"])
+    wandb: WandbSection = field(default_factory=WandbSection)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
     peak_tflops: float | None = None
 
     __field_docs__ = {
         "every_steps": "progress line on rank 0 every this many steps (metrics.jsonl gets every step)",
+        "trackers": "where rank 0 also sends every metric of metrics.jsonl, at the same steps: any of "
+                    "tensorboard, wandb, mlflow; [] for metrics.jsonl only",
         "peak_tflops": "accelerator peak TFLOP/s per device for MFU; default: known GPUs by name, none on CPU",
     }
 
     def validate(self) -> None:
         if self.every_steps < 1:
             raise ConfigError("logging.every_steps must be at least 1")
+        if len(set(self.trackers)) != len(self.trackers):
+            raise ConfigError(f"logging.trackers lists a tracker twice: {self.trackers}")
+
+
+@dataclass
+class ProfileSection:
+    """torch.profiler over a window of steps, and a CUDA memory snapshot when a step runs out of memory."""
+
+    steps: list[int] = field(default_factory=list)
+    ranks: list[int] = field(default_factory=lambda: [0])
+    memory: bool = False
+    oom_snapshot: bool = False
+
+    __field_docs__ = {
+        "steps": "[first, last]: profile these optimizer steps (inclusive) into <output_dir>/profile/ as Chrome "
+                 "traces (TensorBoard's profiler, Perfetto); [] = off, nothing is created",
+        "ranks": "the ranks that profile (each writes its own trace)",
+        "memory": "also record allocations with shapes and stacks (TensorBoard's Memory View); on a GPU also the "
+                  "window's CUDA memory snapshot (pytorch.org/memory_viz)",
+        "oom_snapshot": "GPU: record CUDA allocation history and dump it to <output_dir>/profile/ when a step runs "
+                        "out of memory (open it at pytorch.org/memory_viz)",
+    }
+
+    def validate(self) -> None:
+        if self.steps and (len(self.steps) != 2 or not 1 <= self.steps[0] <= self.steps[1]):
+            raise ConfigError(f"profile.steps must be [first, last] with 1 <= first <= last (got {self.steps}), "
+                              "e.g. profile.steps=[10,12], or [] for no profiling")
+        if self.steps and (not self.ranks or min(self.ranks) < 0):
+            raise ConfigError("profile.ranks must list at least one rank (0 or more), e.g. profile.ranks=[0]")
 
 
 @dataclass
@@ -362,6 +429,7 @@ class TrainingConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    profile: ProfileSection = field(default_factory=ProfileSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     resume: bool = True

@@ -30,7 +30,9 @@ from training.checkpoint import CheckpointStore, Committed, ensure_universal
 from training.config import TrainingConfig
 from training.distributed import WorldInfo
 from training.kernels import check_kernels
+from training.profiling import check_profile
 from training.run_dir import RunDir
+from training.tracking import check_trackers
 
 
 @dataclass
@@ -115,6 +117,8 @@ def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fin
     precision = resolve_precision(config.precision, device)
     attention = resolve_attention(config.attn_implementation, device, precision)
     check_kernels(config.kernels, device)
+    check_trackers(config.logging)
+    check_profile(config.profile, device, total_steps, world.world_size)
     check_output_dir(Path(config.output_dir))
     store = checkpoint_store(config, world.rank)
     resume_from, refused = store.resume_point()

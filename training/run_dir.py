@@ -3,7 +3,10 @@
   <output_dir>/
     config.yaml      the resolved config
     metrics.jsonl    one record per step (and per evaluation)
-    tensorboard/     the same scalars
+    tensorboard/     the same scalars; wandb/, mlflow.db, mlflow-artifacts/ with those trackers
+    trackers.json    the tracked runs (W&B, MLflow) each launch fed and the last step each received
+    curves.png       loss, held-out loss, lr, tokens/s, zero-shot accuracy, drawn when a launch ends
+    profile/         torch.profiler traces of `profile.steps`, CUDA memory snapshots of out-of-memory steps
     checkpoints/     committed checkpoints (training/checkpoint.py)
     hf_template/     model config + tokenizer (+ the LoRA adapter config and base model): what an
                      export of any checkpoint needs besides the checkpoint's weights
@@ -43,6 +46,18 @@ class RunDir:
     @property
     def tensorboard(self) -> Path:
         return self.root / "tensorboard"
+
+    @property
+    def trackers(self) -> Path:
+        return self.root / "trackers.json"
+
+    @property
+    def curves(self) -> Path:
+        return self.root / "curves.png"
+
+    @property
+    def profile(self) -> Path:
+        return self.root / "profile"
 
     @property
     def checkpoints(self) -> Path:

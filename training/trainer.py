@@ -20,6 +20,9 @@ A non-finite loss or gradient norm: DeepSpeed's overflow check (on for every ZeR
 precision here) skips the optimizer step on every rank; the step is counted and logged, and
 `optimizer.max_skipped_steps` in a row end the run with "diverged", without a checkpoint of them.
 A step far slower than usual makes the watchdog (`training/watchdog.py`) dump every rank's stacks.
+Rank 0's metrics go to metrics.jsonl and the trackers of `logging.trackers` (`training/metrics.py`;
+their tracked runs' ids are saved in each checkpoint); `profile.*` wraps chosen steps in torch.profiler
+and snapshots CUDA memory when a step runs out of it (`training/profiling.py`).
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from training.kernels import speed_up
 from training.metrics import MetricsLogger
 from training.optim import build_optimizer, build_scheduler
 from training.preflight import RunPlan, checkpoint_store
+from training.profiling import oom_snapshot, step_profiler
 from training.run_dir import RunDir
 from training.throughput import flops_per_token, peak_flops, peak_memory_gb
 from training.watchdog import StepWatchdog
@@ -159,11 +163,14 @@ class Trainer:
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, plan))
         self.loader, self.evaluations, self.exporter, self.loss = loader, list(evaluations), exporter, loss
         self.step, self.tokens, self.skipped_steps = 0, 0, 0
+        self.tracker_states: dict[str, dict] = {}  # the tracked runs (W&B, MLflow) to continue, from a checkpoint
         torch.manual_seed(config.seed + self.rank)  # dropout differs per rank; a resume restores the streams
         if plan.resume_from is not None:
             self.resume()
-        self.metrics = MetricsLogger(self.run, self.rank == 0, self.step, plan.total_steps,
-                                     config.logging.tensorboard, config.logging.every_steps)
+        self.metrics = MetricsLogger(self.run, self.rank == 0, self.step, plan.total_steps, config.logging,
+                                     to_dict(config), self.tracker_states)
+        self.profiler = step_profiler(config.profile, self.rank, self.run.profile, plan.device)  # None when off
+        self.oom = oom_snapshot(config.profile, self.rank, self.run.profile)
         self.last_save = time.monotonic()
         watchdog = config.watchdog
         self.watchdog = StepWatchdog(self.run.watchdog, self.rank, self.world_size, watchdog.slow_factor,
@@ -185,11 +192,17 @@ class Trainer:
             lr = self.scheduler.get_last_lr()[0]
             started = time.perf_counter()
             self.watchdog.begin(self.step + 1)
+            if self.profiler is not None:
+                self.profiler.begin(self.step + 1)
             skipped_before = self.engine.skipped_steps
             try:
                 local_loss, local_tokens, data_wait, local_extras = self.train_step(batches)
             except DataExhausted as exhausted:  # every rank, before the same step (data.on_exhausted=stop)
                 return self.data_exhausted(str(exhausted))
+            except torch.OutOfMemoryError:
+                if self.oom is not None:  # profile.oom_snapshot: what held the memory, before the error goes on
+                    self.oom.dump(self.step + 1)
+                raise
             self.step += 1
             timed_save = self.rank == 0 and self.config.checkpoint.every_minutes > 0 and \
                 time.monotonic() - self.last_save >= 60 * self.config.checkpoint.every_minutes
@@ -210,6 +223,8 @@ class Trainer:
                 if name.endswith("_s"):
                     metrics[name.removesuffix("_s") + "_fraction"] = value / self.world_size / elapsed
             self.metrics.log(self.step, metrics)
+            if self.profiler is not None:
+                self.profiler.end(self.step)
             self.metrics.progress(self.step, metrics)
             for note in self.loader.pop_notes():  # a source set of the mixture began a new epoch
                 self.metrics.message(f"step {self.step}: {note}")
@@ -225,16 +240,16 @@ class Trainer:
                 self.save()
             if stop_votes and self.step < total:
                 self.metrics.message(f"stop requested: checkpoint at step {self.step} committed, exiting")
-                self.close()
+                self.close("preempted")
                 return "preempted"
         if self.config.checkpoint.export_at_end:
             self.export()
-        self.close()
+        self.close("completed")
         return "completed"
 
-    def close(self) -> None:
+    def close(self, outcome: str) -> None:
         self.watchdog.close()
-        self.metrics.close()
+        self.metrics.close(outcome)
 
     def check_update(self, loss_sum: float, skipped: bool) -> None:
         """A non-finite loss must have made DeepSpeed skip the update; if it did not (its overflow check
@@ -253,7 +268,7 @@ class Trainer:
             f"non-finite loss or gradient norm (optimizer.max_skipped_steps={self.config.optimizer.max_skipped_steps})."
             f" The last good checkpoint is {latest.path if latest else '(none: the start)'}; resume from it with a "
             "lower optimizer.lr, or look at the data of those steps")
-        self.close()
+        self.close("diverged")
         return "diverged"
 
     def data_exhausted(self, reason: str) -> str:
@@ -264,7 +279,7 @@ class Trainer:
             self.save()
         if self.config.checkpoint.export_at_end and self.step:
             self.export()
-        self.close()
+        self.close("completed")  # trackers: a configured end, like the last step
         return "data exhausted"
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, int, float, dict[str, float]]:
@@ -320,7 +335,7 @@ class Trainer:
                 "loader": self.loader.state_dict(), "world_size": self.world_size,
                 "evaluation": self.evaluation[1] if self.evaluation[0] == self.step else {},
                 "config": to_dict(self.config), "fingerprints": self.plan.fingerprints,
-                "versions": library_versions()}
+                "versions": library_versions(), "trackers": self.metrics.tracker_states()}
 
     def save(self) -> None:
         started = time.perf_counter()
@@ -340,6 +355,7 @@ class Trainer:
         state = checkpoint.metadata()
         self.loader.load_state_dict(state["loader"])
         self.step, self.tokens, self.skipped_steps = state["step"], state["tokens"], state.get("skipped_steps", 0)
+        self.tracker_states = state.get("trackers", {})
         rng = None if self.plan.needs_universal else self.checkpoints.rng_state(checkpoint)
         if rng is not None:
             restore_rng(rng)

@@ -147,7 +147,7 @@ def run_ours(model: Path, tokens: Path, run_dir: Path) -> dict:
         f"optimizer.betas=[{BETAS[0]},{BETAS[1]}]", f"optimizer.weight_decay={WEIGHT_DECAY}",
         f"optimizer.eps={EPS}", f"optimizer.grad_clip={GRAD_CLIP}", "schedule.decay=constant",
         "schedule.warmup_steps=0", "validation.every_steps=0", "checkpoint.every_steps=0",
-        "checkpoint.every_minutes=0", "checkpoint.export_at_end=false", "logging.tensorboard=true"], "ours")
+        "checkpoint.every_minutes=0", "checkpoint.export_at_end=false", "logging.trackers=[tensorboard]"], "ours")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in rows if "perf.step_s" in r}
     assert sorted(steps) == list(range(1, STEPS + 1)), f"metrics.jsonl has steps {sorted(steps)}"
