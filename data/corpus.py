@@ -11,6 +11,7 @@ file and line. A corrupt or truncated compressed stream fails that file with an 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import json
 import logging
@@ -106,9 +107,15 @@ def _dig(record: dict, dotted: str):
     return value
 
 
+def file_set(path: Path, rules: dict[str, str]) -> str | None:
+    """The source set the first matching rule ({file-name glob: set}) gives a file's records, or None."""
+    return next((name for pattern, name in rules.items() if fnmatch.fnmatch(path.name, pattern)), None)
+
+
 def read_documents(path: Path, skipped: Counter, text_field: str = "text",
-                   set_field: str = "meta.redpajama_set_name") -> Iterator[Document]:
-    """Stream the documents of one file, counting skipped records by reason in `skipped`."""
+                   set_field: str = "meta.redpajama_set_name", default_set: str | None = None) -> Iterator[Document]:
+    """Stream the documents of one file, counting skipped records by reason in `skipped`. A record without
+    `set_field` (and every line of a .txt file) belongs to `default_set`, else to "unknown" ("text")."""
     warned = 0
 
     def skip(reason: str, line_no: int) -> None:
@@ -119,6 +126,7 @@ def read_documents(path: Path, skipped: Counter, text_field: str = "text",
             warned += 1
 
     is_text = path.name.endswith(".txt")
+    missing_set = default_set or ("text" if is_text else "unknown")
     for line_no, raw in enumerate(iter_lines(path), start=1):
         try:
             line = raw.decode("utf-8")
@@ -127,7 +135,7 @@ def read_documents(path: Path, skipped: Counter, text_field: str = "text",
             continue
         if is_text:
             if line.strip():
-                yield Document(line.rstrip("\n"), "text")
+                yield Document(line.rstrip("\n"), missing_set)
             continue
         if not line.strip():
             continue
@@ -144,4 +152,4 @@ def read_documents(path: Path, skipped: Counter, text_field: str = "text",
             skip("empty", line_no)
             continue
         source_set = _dig(record, set_field)
-        yield Document(text, str(source_set) if source_set is not None else "unknown")
+        yield Document(text, str(source_set) if source_set is not None else missing_set)

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from data.artifacts import library_versions, write_json_atomic
 from data.config import ConfigError, to_dict
-from data.corpus import SKIP_REASONS, CorpusError, discover_inputs, read_documents
+from data.corpus import SKIP_REASONS, CorpusError, discover_inputs, file_set, read_documents
 from data.embedded import resolve_model, resolve_text
 from data.shards import (
     FORMAT,
@@ -62,6 +62,7 @@ class PrepareConfig:
     tokenizer: str = "embedded:smollm2-135m"
     text_field: str = "text"
     set_field: str = "meta.redpajama_set_name"
+    set_by_file: dict[str, str] = field(default_factory=dict)
     add_bos: bool = True
     add_eos: bool = True
     include_sets: list[str] = field(default_factory=list)
@@ -78,6 +79,9 @@ class PrepareConfig:
     __field_docs__ = {
         "inputs": "files, globs or a SlimPajama root (then input_split picks <root>/<split>/chunk*/)",
         "tokenizer": "the model's tokenizer: a checkpoint directory (the pruned model) or hub name",
+        "set_field": "dotted field of a record that names its source set (SlimPajama's meta.redpajama_set_name)",
+        "set_by_file": "source set of records without set_field (and of .txt lines) by input file name: {glob: set}, "
+                       "first match wins, e.g. {'c4*': RedPajamaC4}; unmatched ones: unknown (.txt: text)",
         "include_sets": "keep only these source sets (meta.redpajama_set_name), e.g. [RedPajamaC4]",
         "exclude_sets": "drop these source sets, e.g. [RedPajamaGithub]",
         "validation_fraction": "share of documents held out (by a hash of the text) into the validation split",
@@ -95,6 +99,9 @@ class PrepareConfig:
             raise ConfigError(f"shard_index must be in 0..num_shards-1 (got {self.shard_index} of {self.num_shards})")
         if self.include_sets and self.exclude_sets:
             raise ConfigError("set include_sets or exclude_sets, not both")
+        for pattern, name in self.set_by_file.items():
+            if not isinstance(name, str) or not name.strip():
+                raise ConfigError(f"set_by_file[{pattern!r}] must name a source set, e.g. {{{pattern!r}: RedPajamaC4}}")
 
 
 def _part_name(config: PrepareConfig) -> str:
@@ -173,7 +180,8 @@ def _tokenize_file(task: tuple[int, str]) -> dict:
                 writers[split].add(np.asarray(ids, dtype=dtype), source_set)
             batch.clear()
 
-        for doc in read_documents(Path(path), skipped, _WORKER["text_field"], _WORKER["set_field"]):
+        default_set = file_set(Path(path), _WORKER.get("set_by_file") or {})
+        for doc in read_documents(Path(path), skipped, _WORKER["text_field"], _WORKER["set_field"], default_set):
             if not _keep_set(doc.source_set):
                 filtered[doc.source_set] += 1
                 continue
@@ -197,7 +205,8 @@ def _check_run_record(config: PrepareConfig, out: Path, fingerprint: str, files:
     """A resumed run must be the same run: same tokenizer, framing, filters, inputs and shard size.
     Returns the shard plan (first input file of each shard), fixed by the first run: a re-downloaded
     file of another size must not move files between shards that are already written."""
-    record = {"tokenizer_fingerprint": fingerprint, "add_bos": config.add_bos, "add_eos": config.add_eos,
+    record = {"format": FORMAT, "tokenizer_fingerprint": fingerprint, "add_bos": config.add_bos,
+              "add_eos": config.add_eos, "set_field": config.set_field, "set_by_file": config.set_by_file,
               "include_sets": config.include_sets, "exclude_sets": config.exclude_sets,
               "validation_fraction": config.validation_fraction, "text_field": config.text_field,
               "shard_tokens": config.shard_tokens, "inputs": [str(f) for f in files],
@@ -277,7 +286,7 @@ def prepare(config: PrepareConfig) -> Path:
     settings = {"output_dir": str(out), "dtype": dtype.str, "splits": splits,
                 **{k: getattr(config, k) for k in ("add_bos", "add_eos", "include_sets", "exclude_sets",
                                                     "validation_fraction", "text_field", "set_field",
-                                                    "batch_documents")}}
+                                                    "set_by_file", "batch_documents")}}
     assembler = _ShardAssembler(out, splits, groups)
     todo = _resume(assembler, files)
     errors = _run_tasks(todo, tokenizer_path, settings, config.num_workers, assembler)
@@ -379,6 +388,13 @@ def summarize_shards(shards_by_split: dict[str, list[dict]]) -> dict:
     return {"splits": splits, "sets": sets,
             "skipped": {reason: skipped.get(reason, 0) for reason in sorted(set(skipped) | set(SKIP_REASONS))},
             "filtered_sets": dict(filtered)}
+
+
+def describe_sets(manifest: dict) -> str:
+    """One line: each source set's tokens and share (both splits), what `data.mixture` weights refer to."""
+    total = sum(stats["tokens"] for stats in manifest["sets"].values()) or 1
+    return "source sets: " + ", ".join(f"{name} {stats['tokens']:,} tokens ({stats['tokens'] / total:.1%})"
+                                       for name, stats in sorted(manifest["sets"].items()))
 
 
 def build_manifest(config: PrepareConfig, tokenizer_info: dict, dtype: np.dtype,

@@ -8,6 +8,13 @@ document start offsets, plus the total length at the end) and `.sets.npy` (uint1
 document's source set, into the record's `sets` list), and a `.json` record written last: one
 without its record is incomplete and is redone.
 
+Documents are grouped by source set (format 3): a piece holds its file's documents set by set, in
+the order of its `sets` list (file order within a set), and a shard holds, set by set in the order
+of its own `sets` list, that set's documents from each of its pieces in file order. So a set's
+tokens are one contiguous range of each shard, found from the record's `sets` and `set_tokens`
+alone: a training rank can cut sequences of one set (`data/packed.py`) without any per-document
+index.
+
 A shard's `.json` keeps the per-input-file bookkeeping (`inputs`: source, counts, skipped records)
 that only resumption and audits need; `manifest.json` holds one small record per shard, which is
 all a training rank reads (parsed once per process).
@@ -25,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 MANIFEST = "manifest.json"
-FORMAT = "shorten-tokens/2"
+FORMAT = "shorten-tokens/3"  # 3: documents grouped by source set within each shard
 _COPY_BLOCK = 1 << 24
 
 
@@ -61,6 +68,36 @@ def _commit_arrays(directory: Path, name: str, tokens_tmp: Path, offsets: np.nda
     return record
 
 
+def _copy_range(source, start: int, stop: int, out, digest=None) -> None:
+    """Bytes [start, stop) of the open file `source` to `out`, in blocks (a range may be gigabytes)."""
+    source.seek(start)
+    left = stop - start
+    while left > 0:
+        block = source.read(min(_COPY_BLOCK, left))
+        if not block:
+            raise OSError(f"{source.name} ends at byte {stop - left}, before {stop}")
+        if digest is not None:
+            digest.update(block)
+        out.write(block)
+        left -= len(block)
+
+
+def _group_by_set(path: Path, lengths: np.ndarray, set_ids: np.ndarray, itemsize: int) -> np.ndarray:
+    """Rewrite the token file `path` (documents in file order) with its documents grouped by set id,
+    file order kept within a set; returns that order. Runs of documents that stay neighbours are
+    copied at once, so a file already grouped costs nothing."""
+    order = np.argsort(set_ids, kind="stable")
+    if np.all(order[1:] == order[:-1] + 1):
+        return order
+    starts = np.concatenate([[0], np.cumsum(lengths)]) * itemsize
+    grouped = path.with_name(path.name + ".grouped")
+    with open(path, "rb") as source, open(grouped, "wb") as out:
+        for run in np.split(order, np.flatnonzero(np.diff(order) != 1) + 1):
+            _copy_range(source, int(starts[run[0]]), int(starts[run[-1] + 1]), out)
+    os.replace(grouped, path)
+    return order
+
+
 def _set_counts(sets: list[str], set_ids: np.ndarray, offsets: np.ndarray) -> tuple[dict, dict]:
     lengths = np.diff(offsets)
     documents = np.bincount(set_ids, minlength=len(sets)).tolist()
@@ -87,8 +124,11 @@ class PieceWriter:
 
     def commit(self, extra: dict) -> dict:
         self._file.close()
-        offsets = np.concatenate([[0], np.cumsum(self._lengths, dtype=np.int64)]).astype(np.int64)
+        lengths = np.asarray(self._lengths, dtype=np.int64)
         set_ids = np.asarray(self._set_ids, dtype=np.uint16)
+        order = _group_by_set(self._tmp, lengths, set_ids, self.dtype.itemsize)
+        offsets = np.concatenate([[0], np.cumsum(lengths[order])]).astype(np.int64)
+        set_ids = set_ids[order]
         record = {"name": self.name, "tokens": int(offsets[-1]), "documents": len(self._set_ids),
                   "sets": list(self._sets), **extra}
         return _commit_arrays(self.directory, self.name, self._tmp, offsets, set_ids, record)
@@ -96,6 +136,7 @@ class PieceWriter:
     def abort(self) -> None:
         self._file.close()
         self._tmp.unlink(missing_ok=True)
+        self._tmp.with_name(self._tmp.name + ".grouped").unlink(missing_ok=True)
 
 
 def read_record(directory: Path, name: str) -> dict | None:
@@ -110,34 +151,43 @@ def remove_arrays(directory: Path, name: str) -> None:
 
 
 def assemble_shard(directory: Path, name: str, pieces: list[tuple[Path, dict]]) -> dict:
-    """Concatenate pieces (in the given order) into shard `name`; returns the manifest's record for it.
-
-    The shard's own `.json` also lists the pieces' records (`inputs`: per-input-file bookkeeping).
-    """
+    """Concatenate pieces into shard `name`, set by set (each set's documents from every piece, in the
+    given order); returns the manifest's record for it. The shard's own `.json` also lists the pieces'
+    records (`inputs`: per-input-file bookkeeping)."""
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{name}.tokens.tmp"
     digest = hashlib.sha256()
-    offsets, set_ids, sets, total = [np.zeros(1, dtype=np.int64)], [], {}, 0
+    sets: dict[str, int] = {}
+    loaded = []  # (token file, document offsets, the shard's set id of each document)
+    for piece_dir, record in pieces:
+        base = piece_dir / record["name"]
+        remap = np.asarray([sets.setdefault(s, len(sets)) for s in record["sets"]], dtype=np.uint16)
+        loaded.append((f"{base}.tokens", np.load(f"{base}.docs.npy"), remap[np.load(f"{base}.sets.npy")]))
+    ends, set_ids, total = [np.zeros(1, dtype=np.int64)], [], 0
     with open(tmp, "wb") as out:
-        for piece_dir, record in pieces:
-            base = piece_dir / record["name"]
-            with open(f"{base}.tokens", "rb") as source:
-                while block := source.read(_COPY_BLOCK):
-                    digest.update(block)
-                    out.write(block)
-            offsets.append(np.load(f"{base}.docs.npy")[1:] + total)
-            total += record["tokens"]
-            remap = np.asarray([sets.setdefault(s, len(sets)) for s in record["sets"]], dtype=np.uint16)
-            set_ids.append(remap[np.load(f"{base}.sets.npy")])
-    all_offsets = np.concatenate(offsets)
+        for set_id in range(len(sets)):
+            for tokens, offsets, ids in loaded:
+                documents = np.flatnonzero(ids == set_id)
+                if not len(documents):
+                    continue
+                first, last = int(documents[0]), int(documents[-1]) + 1  # contiguous: pieces are grouped
+                if offsets[last] > offsets[first]:
+                    itemsize = os.path.getsize(tokens) // int(offsets[-1])
+                    with open(tokens, "rb") as source:
+                        _copy_range(source, int(offsets[first]) * itemsize, int(offsets[last]) * itemsize, out,
+                                    digest)
+                ends.append(offsets[first + 1:last + 1] - offsets[first] + total)
+                set_ids.append(ids[first:last])
+                total += int(offsets[last] - offsets[first])
+    all_offsets = np.concatenate(ends)
     all_set_ids = np.concatenate(set_ids) if set_ids else np.zeros(0, dtype=np.uint16)
     set_tokens, set_documents = _set_counts(list(sets), all_set_ids, all_offsets)
     skipped: dict[str, int] = {}
     filtered: dict[str, int] = {}
     for _, record in pieces:
-        for total, counts in ((skipped, record["skipped"]), (filtered, record["filtered_sets"])):
+        for counts_total, counts in ((skipped, record["skipped"]), (filtered, record["filtered_sets"])):
             for key, count in counts.items():
-                total[key] = total.get(key, 0) + count
+                counts_total[key] = counts_total.get(key, 0) + count
     summary = {"name": name, "tokens": int(all_offsets[-1]), "documents": len(all_set_ids),
                "sha256": digest.hexdigest(), "sets": list(sets), "set_tokens": set_tokens,
                "set_documents": set_documents, "skipped": skipped, "filtered_sets": filtered,
@@ -145,6 +195,16 @@ def assemble_shard(directory: Path, name: str, pieces: list[tuple[Path, dict]]) 
     _commit_arrays(directory, name, tmp, all_offsets, all_set_ids,
                    {**summary, "inputs": [record for _, record in pieces]})
     return summary
+
+
+def set_ranges(record: dict) -> list[tuple[str, int, int]]:
+    """(set, first token, end token) of each source set's contiguous range in a shard, from its record."""
+    ranges, start = [], 0
+    for name in record["sets"]:
+        stop = start + record["set_tokens"][name]
+        ranges.append((name, start, stop))
+        start = stop
+    return ranges
 
 
 def shard_summary(record: dict) -> dict:
@@ -173,8 +233,9 @@ class Manifest:
         stat = path.stat()
         data = _parse_manifest(str(path.resolve()), stat.st_mtime_ns, stat.st_size)
         if data.get("format") != FORMAT:
-            raise DataMismatchError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r}: tokenize the "
-                                    "data again with this version (launch/prepare_data.py)")
+            raise DataMismatchError(f"{path} has format {data.get('format')!r}, expected {FORMAT!r} (documents "
+                                    "grouped by source set, which data.mixture needs): tokenize the data again "
+                                    "with this version (launch/prepare_data.py)")
         return cls(path, data)
 
     @property

@@ -26,7 +26,7 @@ from pathlib import Path
 from data.cli import cli_config, run_main
 from data.config import load_config
 from data.embedded import resolve_model
-from data.prepare import PrepareConfig
+from data.prepare import PrepareConfig, describe_sets
 from data.prepare import prepare as prepare_data
 from pruning.config import PruneConfig
 from training.evaluation.config import EvalConfig
@@ -102,6 +102,7 @@ def main(argv: list[str]) -> int:
     manifest = json.loads(prepare_data(data_config).read_text())
     for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['documents']} documents, {entry['tokens']:,} tokens -> {data_config.output_dir}")
+    print(describe_sets(manifest))
 
     print(f"== 3/4 continue pretraining: {config.cpt_recipe}, {config.cpt_processes} DeepSpeed processes")
     retrained_dir = continue_pretraining(config, stage, data_config.output_dir)

@@ -13,7 +13,7 @@ import logging
 import sys
 
 from data.cli import cli_config, run_main
-from data.prepare import PrepareConfig, prepare
+from data.prepare import PrepareConfig, describe_sets, prepare
 
 
 def main(argv: list[str]) -> int:
@@ -23,6 +23,7 @@ def main(argv: list[str]) -> int:
     manifest = json.loads(path.read_text())
     for split, entry in manifest["splits"].items():
         print(f"{split}: {entry['documents']:,} documents, {entry['tokens']:,} tokens in {len(entry['shards'])} shards")
+    print(describe_sets(manifest))
     skipped = {k: v for k, v in manifest["skipped"].items() if v}
     if skipped:
         print(f"skipped records: {skipped}")

@@ -41,13 +41,18 @@ def cluster_unavailable(reason: str, env: Mapping[str, str] = os.environ) -> NoR
 
 
 def tiny_llama_with_tokens(root: Path, tokenizer, hidden_size: int = 64, layers: int = 4) -> Path:
-    """A tiny Llama with `tokenizer` (tied embeddings, as SmolLM2) under root/model and the real C4 sample
-    tokenized with it (10% held out for validation) under root/tokens."""
+    """A tiny Llama with `tokenizer` (tied embeddings, as SmolLM2) under root/model and real text tokenized
+    with it (10% held out for validation) under root/tokens: the C4 sample and Wikipedia paragraphs, as the
+    source sets RedPajamaC4 and RedPajamaWikipedia (named by file, as the demo names its sets)."""
+    import json
+    import textwrap
+
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from data.config import load_config
     from data.prepare import PrepareConfig, prepare
+    from data.text import load_documents
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
@@ -56,8 +61,12 @@ def tiny_llama_with_tokens(root: Path, tokenizer, hidden_size: int = 64, layers:
                          tie_word_embeddings=True)
     AutoModelForCausalLM.from_config(config).save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
-    prepare(load_config(PrepareConfig, None, ["inputs=[embedded:c4_demo.jsonl]", f"output_dir={root / 'tokens'}",
-                                              f"tokenizer={root / 'model'}", "validation_fraction=0.1"]))
+    wiki = root / "wiki_paragraphs.jsonl"
+    paragraphs = [p for doc in load_documents("embedded:wiki_demo.txt")[:10] for p in textwrap.wrap(doc, 2000)]
+    wiki.write_text("".join(json.dumps({"text": p}) + "\n" for p in paragraphs))
+    prepare(load_config(PrepareConfig, None, [f"inputs=[embedded:c4_demo.jsonl,{wiki}]", f"output_dir={root / 'tokens'}",
+                                              f"tokenizer={root / 'model'}", "validation_fraction=0.1", "num_workers=1",
+                                              "set_by_file={'c4*': RedPajamaC4, 'wiki*': RedPajamaWikipedia}"]))
     return root
 
 

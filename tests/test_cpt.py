@@ -84,6 +84,11 @@ def val_losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["val.loss"] for r in records(run_dir) if "val.loss" in r}
 
 
+def mixture_weights(run_dir: Path) -> dict[int, dict[str, float]]:
+    return {r["step"]: {k: v for k, v in r.items() if k.startswith("mixture.weight.")} for r in records(run_dir)
+            if any(k.startswith("mixture.weight.") for k in r)}
+
+
 def exported_weights(run_dir: Path, step: int = STEPS) -> dict[str, torch.Tensor]:
     return load_file(run_dir / "exports" / tag_for(step) / "model.safetensors")
 
@@ -101,12 +106,21 @@ ZEROSHOT = ["zeroshot.tasks=[wiki_cloze]", "zeroshot.include_path=embedded:tasks
 ZEROSHOT_RECORD = "zeroshot_loglikelihoods.jsonl"  # written by tests/scripts/cpt_recording_zeroshot.py
 
 
+def mixed(inputs) -> list[str]:
+    """ZeRO-2 on Sheared-LLaMA's dynamic mixture of the data's two source sets: weights updated every 3 steps,
+    the reference measured on the model itself before training. The reference run and every run compared
+    with it use it, so their bitwise equality covers the mixture's resume on any world size."""
+    return ["zero_stage=2", "data.mixture=dynamic", "data.dynamic.update_every=3",
+            f"data.dynamic.reference_model={inputs['model']}"]
+
+
 def reference_run(inputs) -> Path:
-    """An uninterrupted ZeRO-2 run on 2 ranks: the baseline that every interrupted run must reproduce. It also
-    scores zero-shot once, at step 0 (recording every log-likelihood), which must not change its training."""
+    """An uninterrupted ZeRO-2 run on 2 ranks on a dynamic mixture: the baseline that every interrupted run must
+    reproduce. It also scores zero-shot once, at step 0 (recording every log-likelihood), which must not change
+    its training."""
     run_dir = inputs["root"] / "reference"
     shared_memory = set(Path("/dev/shm").glob("deepspeed_*"))
-    run_cpt(inputs, run_dir, "zero_stage=2", *ZEROSHOT, "zeroshot.every_steps=1000",
+    run_cpt(inputs, run_dir, *mixed(inputs), *ZEROSHOT, "zeroshot.every_steps=1000",
             script=SCRIPTS / "cpt_recording_zeroshot.py")
     (run_dir / "leaked_shared_memory.txt").write_text("".join(
         f"{path}\n" for path in sorted(set(Path("/dev/shm").glob("deepspeed_*")) - shared_memory)))
@@ -179,6 +193,12 @@ def test_zero2_trains_logs_and_exports(reference, inputs):
                 "perf.memory_gb"):
         assert key in step, key
     assert step["train.tokens"] == 3 * 8 * 64
+    sets = ("RedPajamaC4", "RedPajamaWikipedia")
+    for row in (r for r in rows if "val.loss" in r):  # per-set held-out loss beside the overall one
+        assert all(f"val.loss.{name}" in row and f"val.ppl.{name}" in row for name in sets)
+    weights = mixture_weights(reference)  # the dynamic mixture: logged at the start and at every update
+    assert sorted(weights) == [0, 3, 6, 9] and all(sum(w.values()) == pytest.approx(1) for w in weights.values())
+    assert weights[9] != weights[0] and (reference / "mixture_reference.json").is_file()
     assert list((reference / "tensorboard").glob("events.out.tfevents.*"))
     committed = [c.step for c in CheckpointStore(reference / "checkpoints", 0, 10, 0).committed()]
     assert committed == [2, 4, 6, 8, 10]
@@ -242,7 +262,7 @@ def test_sigkill_while_saving_and_a_truncated_file_resume_from_the_newest_whole_
     step 2 and trains on bitwise as the uninterrupted run."""
     run_dir = tmp_path / "run"
     script = ROOT / "tests" / "scripts" / "cpt_killed_while_saving.py"
-    run_cpt(inputs, run_dir, "zero_stage=2", script=script, script_args=("--kill-at-step=6",),
+    run_cpt(inputs, run_dir, *mixed(inputs), script=script, script_args=("--kill-at-step=6",),
             expect=256 - signal.SIGKILL)  # the launcher exits with its dead child's -9
     checkpoints = run_dir / "checkpoints"
     assert (checkpoints / f".tmp-{tag_for(6)}").is_dir(), "the half-written checkpoint is left as it died"
@@ -251,7 +271,7 @@ def test_sigkill_while_saving_and_a_truncated_file_resume_from_the_newest_whole_
     size = victim.stat().st_size
     os.truncate(victim, size // 2)
 
-    result = run_cpt(inputs, run_dir, "zero_stage=2")
+    result = run_cpt(inputs, run_dir, *mixed(inputs))
     assert f"removed .tmp-{tag_for(6)}" in result.stdout
     assert not (checkpoints / f".tmp-{tag_for(6)}").exists()
     assert (f"checkpoint {checkpoints / tag_for(4)} is not whole (zero_pp_rank_1_mp_rank_00_optim_states.pt has "
@@ -266,7 +286,7 @@ def test_world_size_2_to_1_continues_on_the_exact_next_samples(inputs, reference
     shutil.copytree(reference, run_dir, ignore=shutil.ignore_patterns("exports", "step_0000000[68]",
                                                                       "step_00000010"))
     (run_dir / "checkpoints" / "latest").write_text(tag_for(4))
-    result = run_cpt(inputs, run_dir, "zero_stage=2", nprocs=1)
+    result = run_cpt(inputs, run_dir, *mixed(inputs), nprocs=1)
     assert "world size 2 -> 1" in result.stdout
     assert (run_dir / "checkpoints" / f"{tag_for(4)}.universal").is_dir()
     assert "accumulation 4" in result.stdout  # same global batch of 8 from one rank
@@ -275,6 +295,9 @@ def test_world_size_2_to_1_continues_on_the_exact_next_samples(inputs, reference
         assert after[step] == pytest.approx(before[step], rel=2e-5, abs=0), step
     # a different batch at the same weights would differ by far more than that tolerance
     assert abs(before[5] - before[6]) > 1e-3
+    resumed, uninterrupted = mixture_weights(run_dir), mixture_weights(reference)  # updated on 1 rank from step 4
+    for step in (6, 9):  # from held-out losses of weights that differ as little as the losses above
+        assert resumed[step] == pytest.approx(uninterrupted[step], rel=2e-5), step
 
 
 @pytest.fixture(scope="module")
@@ -380,7 +403,7 @@ def test_stop_signals_commit_and_the_restarts_equal_the_uninterrupted_run(inputs
     once, launcher, ranks and workers, as Slurm preempts: each rank commits and exits 75 (the deepspeed
     launcher does not pass that on: each prints it). The last restart ends bitwise as the uninterrupted run."""
     run_dir, workers = tmp_path / "run", "data.num_workers=1"
-    launcher = subprocess.Popen(cpt_command(inputs, run_dir, "zero_stage=2", workers), env=environment(), cwd=ROOT,
+    launcher = subprocess.Popen(cpt_command(inputs, run_dir, *mixed(inputs), workers), env=environment(), cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wait_for_step(run_dir, 3, launcher)
     rank_process(launcher, 1).send_signal(signal.SIGUSR1)
@@ -390,7 +413,7 @@ def test_stop_signals_commit_and_the_restarts_equal_the_uninterrupted_run(inputs
     assert 3 <= first_stop < STEPS - 2 and max(train_losses(run_dir)) == first_stop
     assert "[rank 1] SIGUSR1 to committed checkpoint" in output and "[rank 0] SIGUSR1" not in output
 
-    launcher = subprocess.Popen(cpt_command(inputs, run_dir, "zero_stage=2", workers), env=environment(), cwd=ROOT,
+    launcher = subprocess.Popen(cpt_command(inputs, run_dir, *mixed(inputs), workers), env=environment(), cwd=ROOT,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     wait_for_step(run_dir, first_stop + 1, launcher)
     ranks = [rank_process(launcher, rank) for rank in (0, 1)]
@@ -410,9 +433,10 @@ def test_stop_signals_commit_and_the_restarts_equal_the_uninterrupted_run(inputs
     print(f"signal to committed checkpoint: {max(float(s) for _, s, _ in exits):.2f} s "
           f"({sum(f.stat().st_size for f in (run_dir / 'checkpoints' / tag_for(stopped)).rglob('*')) / 1e6:.1f} MB)")
 
-    result = run_cpt(inputs, run_dir, "zero_stage=2", workers)
+    result = run_cpt(inputs, run_dir, *mixed(inputs), workers)
     assert f"resumed from {run_dir / 'checkpoints' / tag_for(stopped)}" in result.stdout
     assert train_losses(run_dir) == train_losses(reference)  # bitwise, every step
+    assert mixture_weights(run_dir) == mixture_weights(reference)
     assert val_losses(run_dir) == val_losses(reference)
     resumed, uninterrupted = exported_weights(run_dir), exported_weights(reference)
     assert resumed.keys() == uninterrupted.keys()

@@ -108,7 +108,7 @@ def fake_checkpoint(directory: Path, step: int, world_size: int = 2, **changes) 
     path = directory / tag_for(step)
     path.mkdir(parents=True)
     metadata = {"step": step, "world_size": world_size, "fingerprints": {"data": "d", "model": "m"},
-                "config": {"global_batch": 8, "data": {"seq_len": 64}}}
+                "config": {"global_batch": 8, "data": {"seq_len": 64, "mixture": "natural"}}}
     metadata.update(changes)
     (path / METADATA).write_text(json.dumps(metadata))
     return path
@@ -117,7 +117,7 @@ def fake_checkpoint(directory: Path, step: int, world_size: int = 2, **changes) 
 def test_resume_refuses_a_checkpoint_of_another_run(small_run, tmp_path):
     config = config_for(small_run, f"output_dir={tmp_path}")
     plan = plan_cpt(config, WORLD2)
-    changes = {"config": {"global_batch": 16, "data": {"seq_len": 64}}, "fingerprints": plan.fingerprints}
+    changes = {"config": {"global_batch": 16, "data": {"seq_len": 64, "mixture": "natural"}}, "fingerprints": plan.fingerprints}
     fake_checkpoint(tmp_path / "checkpoints", 4, **changes)
     with pytest.raises(ConfigError, match="trained with global_batch=16, not 8"):
         plan_cpt(config, WORLD2)
@@ -161,19 +161,24 @@ def test_resume_on_another_world_size_asks_for_the_universal_format(small_run, t
     config = config_for(small_run, f"output_dir={tmp_path}")
     fingerprints = plan_cpt(config, WORLD2).fingerprints
     fake_checkpoint(tmp_path / "checkpoints", 4, world_size=4, fingerprints=fingerprints,
-                    config={"global_batch": 8, "data": {"seq_len": 64}})
+                    config={"global_batch": 8, "data": {"seq_len": 64, "mixture": "natural"}})
     (tmp_path / "checkpoints" / f"{tag_for(4)}.universal").mkdir()  # converted already: reused
     plan = plan_cpt(config, WORLD2)
     assert plan.resume_from.step == 4 and plan.needs_universal
     assert deepspeed_config(config, plan)["checkpoint"]["load_universal"] is True
 
 
-def test_cli_reports_a_bad_run_before_starting_anything(small_run, tmp_path):
+@pytest.mark.parametrize("case", ["missing data", "a mixture over a set the data lacks"])
+def test_cli_reports_a_bad_run_before_starting_anything(small_run, tmp_path, case):
+    data, expected = {"missing data": ([f"data.path={tmp_path / 'missing'}"], "launch/prepare_data.py"),
+                      "a mixture over a set the data lacks": (
+                          [f"data.path={small_run / 'tokens'}", "data.mixture={RedPajamaC4: 0.5, RedPajamaBook: 0.5}"],
+                          "names source set(s) RedPajamaBook")}[case]
     result = subprocess.run([sys.executable, str(ROOT / "launch" / "cpt.py"), f"model={small_run / 'model'}",
-                             f"data.path={tmp_path / 'missing'}", f"output_dir={tmp_path / 'run'}", "train_steps=3"],
+                             *data, f"output_dir={tmp_path / 'run'}", "train_steps=3"],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and "launch/prepare_data.py" in result.stderr
+    assert result.stderr.startswith("error: ") and expected in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
 

@@ -52,7 +52,8 @@ def _config(root, out, tokenizer_dir, *overrides):
 
 
 def test_tokenized_shards_hold_exactly_the_documents(slimpajama, smollm2_dir, tokenizer, tmp_path):
-    """Small shards: each holds several whole input files, in sorted file order, and nothing else."""
+    """Small shards: each holds several whole input files and nothing else, grouped by source set (in the
+    order of its `sets`), in sorted file order within a set."""
     manifest_path = prepare(_config(slimpajama, tmp_path / "tok", smollm2_dir, "num_workers=2", "shard_tokens=80000"))
     manifest = json.loads(manifest_path.read_text())
     assert manifest["dtype"] == "uint16" and manifest["num_input_files"] == 5
@@ -67,8 +68,12 @@ def test_tokenized_shards_hold_exactly_the_documents(slimpajama, smollm2_dir, to
         assert len(tokens) == shard["tokens"] == offsets[-1]
         inputs = json.loads((tmp_path / "tok" / "train" / f"{shard['name']}.json").read_text())["inputs"]
         assert shard["input_files"] == len(inputs) and shard["documents"] == len(offsets) - 1
-        records = [json.loads(line) for record in inputs for line in zstandard.ZstdDecompressor().stream_reader(
-            open(record["source"], "rb")).read().decode().splitlines()]
+        files = [[json.loads(line) for line in zstandard.ZstdDecompressor().stream_reader(
+            open(record["source"], "rb")).read().decode().splitlines()] for record in inputs]
+        records = [r for name in shard["sets"] for file in files for r in file
+                   if r["meta"]["redpajama_set_name"] == name]
+        set_ids = np.load(tmp_path / "tok" / "train" / f"{shard['name']}.sets.npy")
+        assert [shard["sets"][i] for i in set_ids] == [r["meta"]["redpajama_set_name"] for r in records]
         sources += [record["source"] for record in inputs]
         for k, record in enumerate(records):
             ids = tokens[offsets[k]:offsets[k + 1]].tolist()

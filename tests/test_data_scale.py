@@ -8,6 +8,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import zstandard
 
@@ -66,3 +67,67 @@ def test_thousands_of_files_tokenize_merge_and_train_under_a_file_limit(many_fil
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sorted(r["step"] for r in records if "train.loss" in r) == [1, 2]
     assert sorted(r["step"] for r in records if "val.loss" in r)[-2:] == [1, 2]
+
+
+# SlimPajama-627B's source sets and their shares of its tokens (its dataset card)
+SLIMPAJAMA_SETS = {"RedPajamaCommonCrawl": 0.522, "RedPajamaC4": 0.267, "RedPajamaGithub": 0.052,
+                   "RedPajamaBook": 0.042, "RedPajamaArXiv": 0.046, "RedPajamaWikipedia": 0.038,
+                   "RedPajamaStackExchange": 0.033}
+
+
+def _sparse_slimpajama(out: Path, shards: int = 620, tokens: int = 1_000_000_000) -> None:
+    """Token shards at SlimPajama-627B's shape without its tokens: sparse files, every shard holding all seven
+    sets in their shares (documents grouped by set, as prepare writes them), and the manifest."""
+    from data.prepare import build_manifest
+    from data.shards import token_dtype
+
+    records = []
+    (out / "train").mkdir(parents=True)
+    for k in range(shards):
+        name = f"{k:06d}"
+        counts = {s: int(tokens * share) for s, share in SLIMPAJAMA_SETS.items()}
+        total = sum(counts.values())
+        with open(out / "train" / f"{name}.tokens", "wb") as f:
+            f.truncate(total * 2)
+        np.save(out / "train" / f"{name}.docs.npy", np.cumsum([0, *counts.values()], dtype=np.int64))  # a document a set
+        records.append({"name": name, "tokens": total, "documents": len(counts), "sha256": f"{k:064x}",
+                        "sets": list(counts), "set_tokens": counts, "set_documents": dict.fromkeys(counts, 1),
+                        "skipped": {}, "filtered_sets": {}, "input_files": 95})
+    info = {"name": "llama-32k", "fingerprint": "0" * 64, "bos_id": 1, "eos_id": 2, "vocab_size": 32_000}
+    manifest = build_manifest(PrepareConfig(), info, token_dtype(32_000), {"train": records}, 59_166)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_mixture_at_slimpajamas_shape_keeps_each_rank_small_and_the_order_world_size_free(tmp_path):
+    """620 shards of 1e9 tokens, 7 sets, seq 2048, global batch 512: each of 64 simulated ranks builds its
+    by-set sequences and loader from the manifest alone, holds at most 16 mapped or open shard files, and
+    the first global batches, gathered over the 64 ranks, equal those of one rank."""
+    from data.loader import GlobalBatchLoader
+    from data.packed import PackedSequences
+    from tests.test_data import _mapped_files
+    from tests.test_mixture import Tagged
+
+    _sparse_slimpajama(tmp_path)
+    weights = {"RedPajamaCommonCrawl": 0.3, "RedPajamaC4": 0.4, "RedPajamaBook": 0.1, "RedPajamaWikipedia": 0.1,
+               "RedPajamaArXiv": 0.05, "RedPajamaStackExchange": 0.05}  # RedPajamaGithub left out
+
+    def first_steps(world: int, rank: int) -> list[list[int]]:
+        dataset = Tagged(PackedSequences(tmp_path, 2048, by_set=True))  # each sample with its index
+        assert len(dataset) > 300_000_000 and not _mapped_files(tmp_path)
+        loader = GlobalBatchLoader(dataset, 512, 2, world, rank, seed=3, mixture=weights,
+                                   consumed_samples=512 * 10**5)  # resumed deep into the run: no replay
+        batches, steps = iter(loader), []
+        for _ in range(2):
+            steps.append([i for _ in range(loader.accumulation) for i in next(batches)["index"].tolist()])
+            assert len(_mapped_files(tmp_path)) <= 16
+        return steps
+
+    one = first_steps(1, 0)
+    gathered = [[], []]
+    for rank in range(64):
+        for step, ids in enumerate(first_steps(64, rank)):
+            gathered[step] += ids
+    assert gathered == one
+    ranges = PackedSequences(tmp_path, 2048, by_set=True).set_ranges
+    for name, items in ranges.items():  # each set's share of each global batch, within 2 sequences
+        assert all(abs(sum(i in items for i in step) - 512 * weights.get(name, 0)) < 2 for step in one), name

@@ -116,7 +116,8 @@ def test_a_run_that_fails_with_its_loader_workers_alive_shuts_them_down_at_exit(
 
 
 def test_exit_codes_of_the_outcomes():
-    assert [stop_signals.exit_code(o, 0) for o in ("completed", "preempted", "diverged")] == [0, 75, 3]
+    outcomes = ("completed", "preempted", "diverged", "data exhausted")
+    assert [stop_signals.exit_code(o, 0) for o in outcomes] == [0, 75, 3, 0]
 
 
 def wait_for_output(capsys, text: str, timeout: float = 60) -> str:

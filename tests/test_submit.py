@@ -30,10 +30,12 @@ STEPS = 16
 
 
 def cpt_recipe(cpt_inputs, path: Path, run_dir: Path) -> Path:
-    """tests/test_cpt.py's reference run (2 ranks, ZeRO-2, the same model, data, batch and lr) for STEPS steps."""
+    """tests/test_cpt.py's reference run (2 ranks, ZeRO-2, the same model, data, dynamic mixture, batch and lr)
+    for STEPS steps."""
     recipe = {"model": str(cpt_inputs["model"]), "output_dir": str(run_dir), "train_steps": STEPS,
               "global_batch": 8, "micro_batch": 2, "zero_stage": 2,
-              "data": {"path": str(cpt_inputs["tokens"]), "seq_len": 64},
+              "data": {"path": str(cpt_inputs["tokens"]), "seq_len": 64, "mixture": "dynamic",
+                       "dynamic": {"update_every": 3, "reference_model": str(cpt_inputs["model"])}},
               "optimizer": {"lr": 3e-3}, "checkpoint": {"every_steps": 3, "every_minutes": 0},
               "validation": {"every_steps": 5, "sequences": 8}, "logging": {"trackers": []}}
     path.write_text(yaml.safe_dump(recipe))

@@ -17,7 +17,60 @@ from typing import Any, Literal
 
 from data.batch_layout import accumulation_steps
 from data.config import ConfigError
+from data.mixture import WEIGHT_TOLERANCE
 from data.precision import PRECISION_DOC, Precision
+
+
+def check_weights(key: str, weights: dict) -> None:
+    """Weights per source set: numbers >= 0 that sum to 1 (within WEIGHT_TOLERANCE)."""
+    bad = [name for name, w in weights.items() if isinstance(w, bool) or not isinstance(w, (int, float)) or w < 0]
+    if bad:
+        raise ConfigError(f"{key}: the weight of {bad[0]} must be a number >= 0, not {weights[bad[0]]!r}")
+    total = sum(weights.values())
+    if abs(total - 1) > WEIGHT_TOLERANCE:
+        raise ConfigError(f"{key}: the weights sum to {total:.6g}, not 1: e.g. "
+                          + "{" + ", ".join(f"{name}: {w / total:.4g}" for name, w in weights.items()) + "}"
+                          if total > 0 else f"{key}: the weights sum to 0: give at least one set a weight")
+
+
+@dataclass
+class DynamicMixtureSection:
+    """Sheared-LLaMA's dynamic batch loading (Xia et al. 2024, Algorithm 1; princeton-nlp/LLM-Shearing's
+    DynamicLoadingCallback): every `update_every` steps, w <- normalise(w * exp(eta * gap)), gap = held-out
+    loss - reference loss per set, then (1 - smoothing) w + smoothing / k. The defaults are the released
+    code's (eta 1, smoothing 1e-4, gaps not clipped, every 400 steps of ~1M tokens); the paper's Algorithm 1
+    clips the gap at 0 and does not smooth (`clip_gaps=true smoothing=0`)."""
+
+    initial: str | dict[str, float] = "natural"
+    update_every: int = 400
+    reference: dict[str, float] = field(default_factory=dict)
+    reference_model: str | None = None
+    eta: float = 1.0
+    smoothing: float = 1e-4
+    clip_gaps: bool = False
+
+    __field_docs__ = {
+        "initial": "starting weights: natural (each set's share of the training tokens) or {set: weight}",
+        "update_every": "steps between updates (LLM-Shearing's continued pretraining: eval_interval 400 batches "
+                        "of 256 x 4096 tokens)",
+        "reference": "{set: loss} to aim for (Sheared-LLaMA predicts it from scaling laws); empty = the unpruned "
+                     "model's own held-out loss per set, measured once before training",
+        "reference_model": "the model measured for the reference (default: the one pruning_report.json names)",
+        "eta": "step size of the exponentiated-gradient update (LLM-Shearing: 1)",
+        "smoothing": "share mixed in uniformly after each update, keeps every set alive (LLM-Shearing: 1e-4)",
+        "clip_gaps": "gaps below 0 count as 0 (the paper's Algorithm 1: max(loss - reference, 0))",
+    }
+
+    def validate(self) -> None:
+        if isinstance(self.initial, str) and self.initial != "natural":
+            raise ConfigError("data.dynamic.initial must be natural or {set: weight, ...}")
+        if isinstance(self.initial, dict):
+            check_weights("data.dynamic.initial", self.initial)
+        if self.update_every < 1 or self.eta <= 0 or not 0 <= self.smoothing < 1:
+            raise ConfigError("data.dynamic.update_every must be >= 1, eta > 0 and smoothing in [0, 1)")
+        bad = [name for name, loss in self.reference.items() if isinstance(loss, bool) or not isinstance(loss, (int, float))]
+        if bad:
+            raise ConfigError(f"data.dynamic.reference: the loss of {bad[0]} must be a number")
 
 
 @dataclass
@@ -27,12 +80,19 @@ class DataSection:
     document_masking: bool = True
     num_workers: int = 1
     seed: int = 1234
+    mixture: str | dict[str, float] = "natural"
+    on_exhausted: Literal["wrap", "stop"] = "wrap"
+    dynamic: DynamicMixtureSection = field(default_factory=DynamicMixtureSection)
 
     __field_docs__ = {
         "path": "tokenized data directory (holds manifest.json, from launch/prepare_data.py)",
         "document_masking": "attention and positions restart at each document inside a packed sequence",
         "num_workers": "DataLoader worker processes per rank",
         "seed": "seed of the sample order (a new permutation per epoch)",
+        "mixture": "natural (one stream over every source set, as tokenized), {set: weight, ...} (shares of the "
+                   "training tokens, summing to 1; unnamed sets get none) or dynamic (data.dynamic.*)",
+        "on_exhausted": "a mixture's set that runs out: wrap (a new epoch of it, in a new order) or stop (the run "
+                        "ends before the step that would need more, checkpointed and exported)",
     }
 
     def validate(self) -> None:
@@ -40,6 +100,13 @@ class DataSection:
             raise ConfigError("data.seq_len must be at least 2 tokens")
         if self.num_workers < 0:
             raise ConfigError("data.num_workers must be 0 or more")
+        if self.seed < 0:
+            raise ConfigError("data.seed must be 0 or more")
+        if isinstance(self.mixture, str) and self.mixture not in ("natural", "dynamic"):
+            raise ConfigError(f"data.mixture: {self.mixture!r} is not natural, dynamic or a mapping "
+                              "{set: weight, ...} (e.g. data.mixture={RedPajamaC4: 0.6, RedPajamaBook: 0.4})")
+        if isinstance(self.mixture, dict):
+            check_weights("data.mixture", self.mixture)
 
 
 @dataclass
@@ -235,15 +302,22 @@ class ProfileSection:
 class ValidationSection:
     every_steps: int = 500
     sequences: int = 64
+    set_sequences: int | None = None
 
     __field_docs__ = {
         "every_steps": "held-out loss on the data's validation split every this many steps (0: off)",
         "sequences": "validation sequences, the first ones of the split, shared across ranks",
+        "set_sequences": "CPT: also val.loss.<set> on the first this many held-out sequences of each source set "
+                         "(null: as many as sequences; 0: off); the dynamic mixture's updates use them too",
     }
 
     def validate(self) -> None:
-        if self.every_steps < 0 or self.sequences < 0:
-            raise ConfigError("validation.every_steps and validation.sequences must be 0 or more")
+        if self.every_steps < 0 or self.sequences < 0 or (self.set_sequences or 0) < 0:
+            raise ConfigError("validation.every_steps, validation.sequences and validation.set_sequences must be 0 "
+                              "or more")
+
+    def per_set(self) -> int:
+        return self.sequences if self.set_sequences is None else self.set_sequences
 
 
 PAPER_TASKS = ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa")

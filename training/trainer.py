@@ -1,6 +1,7 @@
 """The DeepSpeed trainer that continued pretraining and LoRA share, readable top to bottom.
 
   Trainer(config, plan, model, loader, should_stop, evaluations, exporter).train() -> "completed" | "preempted"
+                                                                                   | "diverged" | "data exhausted"
 
 A stage plans its run (`training/preflight.plan_training` plus its own checks) and assembles its
 parts: the model (`load_model`), a `GlobalBatchLoader`, periodic evaluations and an exporter
@@ -13,7 +14,8 @@ Each step (`train`): `accumulation` micro-batches of forward/backward, one optim
 DeepSpeed, then one all-reduce that averages the loss and lets the ranks agree on two flags: a
 stop was requested (SIGUSR1/SIGTERM on any rank) and a timed checkpoint is due (rank 0's clock).
 Periodic evaluations (held-out loss, lm-eval zero-shot) run at their steps; checkpoints are saved
-every N steps, every T minutes, on a stop and at the end. A stop saves and returns "preempted".
+every N steps, every T minutes, on a stop and at the end. A stop saves and returns "preempted"; a
+mixture's source set that runs out under data.on_exhausted=stop saves, exports and returns "data exhausted".
 A non-finite loss or gradient norm: DeepSpeed's overflow check (on for every ZeRO stage and
 precision here) skips the optimizer step on every rank; the step is counted and logged, and
 `optimizer.max_skipped_steps` in a row end the run with "diverged", without a checkpoint of them.
@@ -36,7 +38,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel, set_
 
 from data.artifacts import library_versions
 from data.config import merge_dicts, save_config, to_dict
-from data.loader import GlobalBatchLoader, to_device
+from data.loader import DataExhausted, GlobalBatchLoader, to_device
 from data.precision import torch_dtype
 from training.attention import attach_boundaries, register_varlen
 from training.checkpoint import UNIVERSAL_SUFFIX, CheckpointError, CheckpointStore, restore_rng
@@ -223,6 +225,8 @@ class Trainer:
             skipped_before = self.engine.skipped_steps
             try:
                 local_loss, local_tokens, data_wait, local_extras = self.train_step(batches)
+            except DataExhausted as exhausted:  # every rank, before the same step (data.on_exhausted=stop)
+                return self.data_exhausted(str(exhausted))
             except torch.OutOfMemoryError:
                 if self.oom is not None:  # profile.oom_snapshot: what held the memory, before the error goes on
                     self.oom.dump(self.step + 1)
@@ -251,6 +255,8 @@ class Trainer:
             if self.profiler is not None:
                 self.profiler.end(self.step)
             self.metrics.progress(self.step, metrics)
+            for note in self.loader.pop_notes():  # a source set of the mixture began a new epoch
+                self.metrics.message(f"step {self.step}: {note}")
             if skipped:
                 self.metrics.message(f"step {self.step}: non-finite loss ({metrics['train.loss']:.4g}) or gradient "
                                      f"norm: optimizer step skipped ({skipped_in_a_row} in a row, "
@@ -295,6 +301,17 @@ class Trainer:
             "lower optimizer.lr, or look at the data of those steps")
         self.close("diverged")
         return "diverged"
+
+    def data_exhausted(self, reason: str) -> str:
+        """The run ends where the data does (a mixture's set ran out, data.on_exhausted=stop): checkpoint, export."""
+        self.metrics.message(f"stopping after step {self.step}: {reason}")
+        latest = self.checkpoints.latest()
+        if self.step and (latest is None or latest.step != self.step):
+            self.save()
+        if self.config.checkpoint.export_at_end and self.step:
+            self.export()
+        self.close("completed")  # trackers: a configured end, like the last step
+        return "data exhausted"
 
     def train_step(self, batches: Iterator[dict[str, torch.Tensor]]) -> tuple[float, int, float, dict[str, float]]:
         """One optimizer step: forward/backward over the micro-batches; DeepSpeed steps at the boundary.
