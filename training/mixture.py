@@ -164,21 +164,21 @@ def _plan_dynamic(config: CPTConfig, world: WorldInfo, tokenizer, sets: list[str
                               + (f"; it lacks {', '.join(missing)}" if missing else "")
                               + (f"; the data has no set {', '.join(extra)}" if extra else ""))
         return None
-    name = data.dynamic.reference_model or _pruned_from(config.model)
+    name = data.dynamic.reference_model or _pruned_from(config.model, config.trust_remote_code)
     if name is None:
         raise ConfigError("data.mixture=dynamic needs a reference loss per set: data.dynamic.reference={set: loss, "
                           "...}, or data.dynamic.reference_model=<the unpruned model> (the default, the model named "
                           f"in {config.model}/pruning_report.json, is not there)")
-    path = check_model_path(name)
+    path = check_model_path(name, config.trust_remote_code)
     if load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"data.dynamic.reference_model {name} has another tokenizer than the model: its loss "
                           "would be measured on other tokens; use the model this one was pruned from")
     return path
 
 
-def _pruned_from(model: str) -> str | None:
+def _pruned_from(model: str, trust_remote_code: bool) -> str | None:
     """The model a pruned checkpoint was pruned from, as its pruning_report.json names it."""
-    report = Path(check_model_path(model)) / "pruning_report.json"
+    report = Path(check_model_path(model, trust_remote_code)) / "pruning_report.json"
     return json.loads(report.read_text()).get("model") if report.is_file() else None
 
 
