@@ -31,6 +31,7 @@ from training.config import TrainingConfig
 from training.distributed import WorldInfo
 from training.kernels import check_kernels
 from training.run_dir import RunDir
+from training.schedule import check_extension
 
 
 @dataclass
@@ -127,6 +128,8 @@ def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fin
                           "resume=true to continue it, or choose a new output_dir")
     if resume_from is not None:
         check_resume(config, resume_from, fingerprints, invariants)
+        check_extension(resume_from.metadata().get("schedule"), resume_from.step, total_steps, config.schedule,
+                        f"the checkpoint {resume_from.path}")
         needs_universal = resume_from.metadata()["world_size"] != world.world_size
         if needs_universal:  # before any process group: no collective waits on this, however long it takes
             ensure_universal(resume_from, world.world_size)
