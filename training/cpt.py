@@ -15,6 +15,7 @@ from transformers import AutoConfig
 
 from data.config import ConfigError
 from data.embedded import resolve_tasks
+from data.lineage import copy_lineage
 from data.loader import GlobalBatchLoader, collate
 from data.packed import PackedSequences
 from data.precision import torch_dtype
@@ -59,19 +60,25 @@ def plan_cpt(config: CPTConfig, world: WorldInfo) -> CPTPlan:
     fingerprints = {"data": manifest.fingerprint, "model": model_fingerprint(model_path)}
     invariants = {"global_batch": config.global_batch, "data.seq_len": config.data.seq_len}
     if config.distill.teacher:
-        teacher_path = check_teacher(config.distill.teacher, tokenizer)
+        teacher_path = check_teacher(config.distill.teacher, tokenizer, config.distill.top_k)
         fingerprints["teacher"] = model_fingerprint(teacher_path)
-        invariants.update({"distill.alpha": config.distill.alpha, "distill.temperature": config.distill.temperature})
+        invariants.update({"distill.alpha": config.distill.alpha, "distill.temperature": config.distill.temperature,
+                           "distill.top_k": config.distill.top_k})
     plan = plan_training(config, world, model_path, fingerprints, config.total_steps(), config.data.seq_len, invariants)
     return CPTPlan(**{f.name: getattr(plan, f.name) for f in fields(plan)}, zeroshot_tasks=zeroshot_tasks)
 
 
-def check_teacher(teacher: str, student_tokenizer) -> str:
-    """The teacher's path; refused unless it reads text with exactly the student's tokenizer."""
+def check_teacher(teacher: str, student_tokenizer, top_k: int | None) -> str:
+    """The teacher's path; refused unless it reads text with exactly the student's tokenizer and has at least
+    top_k logits."""
     path = check_model_path(teacher)
     if load_tokenizer(path).get_vocab() != student_tokenizer.get_vocab():
         raise ConfigError(f"distill.teacher {teacher} has another tokenizer than the student: distillation "
                           "compares logits token by token, so use the model the student was pruned from")
+    vocab = AutoConfig.from_pretrained(path).get_text_config().vocab_size
+    if top_k is not None and top_k > vocab:
+        raise ConfigError(f"distill.top_k={top_k} is more than the teacher's {vocab} logits: lower it (Model-Optimizer"
+                          "'s default is 1024), or set distill.top_k=null for the full vocabulary")
     return path
 
 
@@ -84,6 +91,7 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
     def template(directory: Path) -> None:  # config + tokenizer: what an export of any checkpoint needs
         AutoConfig.from_pretrained(plan.model_path).save_pretrained(directory)
         tokenizer.save_pretrained(directory)
+        copy_lineage(plan.model_path, directory)  # a pruned model's original block numbers, for its exports
 
     prepare_run_dir(config, rank, template)
     model = load_model(config, plan)
@@ -106,12 +114,13 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
     def export(trainer: Trainer) -> Path:
         info = {"step": trainer.step, "tokens": trainer.tokens, "fingerprints": plan.fingerprints,
                 "source_run": str(config.output_dir)}
-        return export_from_engine(trainer.engine, config.zero_stage, rank, tokenizer,
-                                  RunDir(config.output_dir).export(trainer.step), torch_dtype(plan.precision), info)
+        run = RunDir(config.output_dir)
+        return export_from_engine(trainer.engine, config.zero_stage, rank, tokenizer, run.export(trainer.step),
+                                  torch_dtype(plan.precision), info, run.template)
 
     loss = causal_lm_loss
     if config.distill.teacher:
         distill = config.distill
         loss = DistillLoss(load_teacher(config, plan, check_model_path(distill.teacher)), distill.alpha,
-                           distill.temperature, distill.chunk)
+                           distill.temperature, distill.chunk, distill.top_k)
     return Trainer(config, plan, model, loader, should_stop, evaluations, export, loss)
