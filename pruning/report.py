@@ -15,7 +15,8 @@ LOWER_IS_LESS_IMPORTANT = {
 
 
 def plot_block_importance(scores: Sequence[float], removed: Sequence[int], protected: Sequence[int],
-                          criterion: str, model_name: str, path: Path) -> None:
+                          criterion: str, model_name: str, path: Path, original: Sequence[int]) -> None:
+    """One bar per block of the pruned model's input, labelled by its index in the original model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -29,10 +30,11 @@ def plot_block_importance(scores: Sequence[float], removed: Sequence[int], prote
     ax.bar(range(len(scores)), values, color=colors)
     if base == "ppl":
         ax.set_yscale("log")
-    ax.set_xlabel("block index")
+    renumbered = list(original) != list(range(len(scores)))
+    ax.set_xlabel("block index in the original model" if renumbered else "block index")
     ax.set_ylabel(LOWER_IS_LESS_IMPORTANT.get(base, "importance"))
     ax.set_title(f"{model_name}: block importance by {criterion} (red: removed, gray: protected)", fontsize=9)
-    ax.set_xticks(range(len(scores)))
+    ax.set_xticks(range(len(scores)), [str(i) for i in original])
     ax.tick_params(axis="x", labelsize=7)
     fig.tight_layout()
     fig.savefig(path)

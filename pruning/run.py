@@ -24,6 +24,7 @@ from data.artifacts import (
 )
 from data.config import save_config, to_dict
 from data.embedded import resolve_model, resolve_text
+from data.lineage import Lineage
 from data.precision import resolve_device, resolve_precision, torch_dtype
 from data.text import load_documents
 from pruning import scores as criteria
@@ -157,6 +158,7 @@ def prune(config: PruneConfig) -> PruneResult:
     skeleton = _skeleton(model_config)
     num_remove, protected = plan_removal(config, skeleton)
     num_layers = model_config.num_hidden_layers
+    lineage = Lineage.of(model_path, num_layers, config.model)  # an earlier prune's numbering, if any
     del skeleton
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -181,6 +183,7 @@ def prune(config: PruneConfig) -> PruneResult:
     timings["scoring_s"] = time.perf_counter() - tick
 
     kept = remove_blocks(model, removed)
+    lineage_after = lineage.after_prune(removed, config.criterion)
     params_after = count_parameters(model)
     ppl_after = criteria.calibration_perplexity(model, calibration, cal.batch_size)
     report = {
@@ -195,6 +198,10 @@ def prune(config: PruneConfig) -> PruneResult:
         "protected": protected,
         "removed": removed,
         "kept": kept,
+        "original_model": lineage.original_model,
+        "removed_original": lineage.original(removed),
+        "kept_original": lineage_after.blocks,
+        "blocks_original": lineage.blocks,
         **extras,
         "params_before": params_before,
         "params_after": params_after,
@@ -218,10 +225,11 @@ def prune(config: PruneConfig) -> PruneResult:
             verify_checkpoint(tmp, len(kept))
         timings["save_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - start
+        lineage_after.write(tmp)
         report["fingerprints"]["output"] = directory_fingerprint(tmp)
         write_json_atomic(tmp / "pruning_report.json", report)
         plot_block_importance(scores, removed, protected, config.criterion, Path(str(config.model)).name,
-                              tmp / "block_importance.png")
+                              tmp / "block_importance.png", lineage.blocks)
         save_config(config, tmp / "prune_config.yaml")
     return PruneResult(output_dir, removed, kept, scores, report)
 
