@@ -25,8 +25,11 @@ def main(argv: list[str]) -> int:
     report = result.report
     if report["unit"] == "module":
         print(f"criterion {report['criterion']}: removed modules {report['removed_modules']}")
-    print(f"criterion {report['criterion']}: removed blocks {result.removed} "
-          f"({report['num_blocks_before']} -> {report['num_blocks_after']} blocks, "
+    renumbered = report["removed_original"] != result.removed  # the input was pruned before
+    print(f"criterion {report['criterion']}: removed blocks {report['removed_original']}"
+          + (f" of the original {report['original_model']} ({result.removed} in this checkpoint's numbering)"
+             if renumbered else "")
+          + f" ({report['num_blocks_before']} -> {report['num_blocks_after']} blocks, "
           f"{report['params_before'] / 1e6:.1f}M -> {report['params_after'] / 1e6:.1f}M parameters, "
           f"-{report['param_reduction']:.1%})")
     print(f"calibration PPL {report['calibration_ppl_before']:.2f} -> {report['calibration_ppl_after']:.2f}")

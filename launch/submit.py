@@ -4,8 +4,13 @@
   python launch/submit.py prepare_data --config configs/data/slimpajama.yaml --array 64
   python launch/submit.py eval --config configs/eval/paper.yaml --after 1234 model=...   # afterok:1234
   python launch/submit.py cpt --config ... --dry-run                                     # show only
+  python launch/submit.py chain --config configs/chain/vicuna7b_ppl_20_teacher_correction.yaml
 
 Stages: prune, prepare_data, cpt, eval, lora, quantize; trailing key=value overrides go to the stage.
+chain submits the jobs of a chain recipe (configs/chain/) in order, each after the one before it
+succeeds (afterok); a job's overrides may name an earlier job's product as ${job}: a prune's or
+tokenization's output_dir, a CPT run's final export, a LoRA run's merged model, an eval's or
+quantization's output_dir.
 cpt and lora jobs get --requeue, --signal=USR1@<signal-seconds> (to the tasks) and
 --open-mode=append: on the signal the ranks commit a checkpoint and exit 75, the job requeues
 itself (also after a SIGTERM to the batch shell), and the rerun resumes from the latest
@@ -26,14 +31,16 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from string import Template
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from data.batch_layout import accumulation_steps
 from data.cli import run_main
-from data.config import load_config
+from data.config import ConfigError, load_config
 from training import stop_signals
+from training.run_dir import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = ROOT / "launch" / "slurm"
@@ -51,6 +58,43 @@ STAGES = {"prune": Stage("prune.py", "pruning.config:PruneConfig"),
           "eval": Stage("eval.py", "training.evaluation.config:EvalConfig"),
           "quantize": Stage("quantize.py", "training.quantization.config:QuantizeConfig")}
 REQUEUED_STAGES = ("cpt", "lora")
+CHAIN = "chain"
+REFERENCE = re.compile(r"\$\{([^}]*)\}")
+
+
+@dataclass
+class ChainJob:
+    """One job of a chain recipe: a stage, its recipe and overrides, and the allocation it needs."""
+
+    name: str
+    stage: Literal["prune", "prepare_data", "cpt", "lora", "eval", "quantize"]
+    config: Path
+    overrides: list[str] = field(default_factory=list)
+    nodes: int | None = None
+    gpus_per_node: int | None = None
+    tasks_per_node: int | None = None
+    time: str | None = None
+
+    __field_docs__ = {"overrides": "key=value for the stage; ${job} is an earlier job's product",
+                      "nodes": "unset: the command line's --nodes (likewise gpus_per_node, tasks_per_node, time)"}
+
+
+@dataclass
+class ChainConfig:
+    """Jobs submitted in order, each after the previous one succeeds."""
+
+    jobs: list[ChainJob] = field(default_factory=list)
+
+    def validate(self) -> None:
+        names = [job.name for job in self.jobs]
+        if not names:
+            raise ConfigError("jobs: a chain needs at least one job")
+        bad = [name for name in names if not re.fullmatch(r"[A-Za-z][\w-]*", name)]
+        if bad:
+            raise ConfigError(f"jobs: name {bad[0]!r} must start with a letter and hold only letters, digits, _ and -")
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"jobs: the name {repeated[0]} is used twice; give every job its own name")
 
 
 class SubmitError(ValueError):
@@ -61,6 +105,25 @@ def stage_config(stage: str, config: Path, overrides: list[str]):
     """Load the stage's own config now, so a bad recipe fails here rather than in the queue."""
     module, name = STAGES[stage].config_class.split(":")
     return load_config(getattr(importlib.import_module(module), name), config, overrides)
+
+
+def product(stage: str, config) -> Path:
+    """What a finished job of the stage leaves for the next one: the path a later job's ${name} stands for."""
+    if stage == "cpt":
+        return RunDir(config.output_dir).export(config.total_steps())  # written when the last step is done
+    if stage == "lora":
+        return RunDir(config.output_dir).merged
+    return Path(config.output_dir)
+
+
+def resolve_references(override: str, products: dict[str, Path], job: str) -> str:
+    def path_of(match: re.Match) -> str:
+        if match.group(1) not in products:
+            raise ConfigError(f"job {job}: {override!r} names ${{{match.group(1)}}}, which is not an earlier job of "
+                              f"the chain (earlier jobs: {', '.join(products) or 'none'})")
+        return str(products[match.group(1)])
+
+    return REFERENCE.sub(path_of, override)
 
 
 def check_world(stage: str, config, world_size: int) -> None:
@@ -141,9 +204,10 @@ def common_directives(args: argparse.Namespace) -> list[str]:
     return directives + list(args.sbatch_arg)
 
 
-def scripts_for(stage: str, args: argparse.Namespace, overrides: list[str]) -> list[tuple[str, str]]:
+def scripts_for(stage: str, args: argparse.Namespace, overrides: list[str],
+                name: str | None = None) -> list[tuple[str, str]]:
     """(job name, script) pairs in submission order; a later one depends on the one before it."""
-    name = f"shorten-{stage}-{args.config.stem}"
+    name = name or f"shorten-{stage}-{args.config.stem}"
     directives = common_directives(args)
     if stage in REQUEUED_STAGES:
         body = Template((TEMPLATES / "requeue_on_stop.sh").read_text()).substitute(
@@ -159,9 +223,60 @@ def scripts_for(stage: str, args: argparse.Namespace, overrides: list[str]) -> l
     return [(name, render(stage, args, f"srun {stage_command(stage, args.config, overrides)}", name, directives))]
 
 
+class Job(NamedTuple):
+    """A stage to submit: its arguments (allocation, time), overrides, loaded config, and a name for chains."""
+
+    args: argparse.Namespace
+    overrides: list[str]
+    config: object
+    name: str | None = None
+
+
+def default_tasks(stage: str, gpus_per_node: int) -> int:
+    return max(1, gpus_per_node) if stage in REQUEUED_STAGES else 1
+
+
+def job_arguments(args: argparse.Namespace, job: ChainJob, first: bool) -> argparse.Namespace:
+    """The command line's settings with the chain job's own; only the first job waits for --after."""
+    settings = {**vars(args), "stage": job.stage, "config": job.config, "array": 0, "after": args.after if first else None}
+    settings.update({key: getattr(job, key) for key in ("nodes", "gpus_per_node", "tasks_per_node", "time")
+                     if getattr(job, key) is not None})
+    job_args = argparse.Namespace(**settings)
+    if job_args.tasks_per_node is None:
+        job_args.tasks_per_node = default_tasks(job.stage, job_args.gpus_per_node)
+    return job_args
+
+
+def checked_job(args: argparse.Namespace, overrides: list[str], name: str | None = None) -> Job:
+    """The stage's config loaded with the overrides and the batch layout checked: a bad recipe fails here."""
+    check_signal_time(args)
+    config = stage_config(args.stage, args.config, overrides)
+    check_world(args.stage, config, args.nodes * args.tasks_per_node)
+    return Job(args, overrides, config, name)
+
+
+def plan_jobs(args: argparse.Namespace, overrides: list[str]) -> list[Job]:
+    """The jobs to submit, in order, every config loaded and checked before anything is submitted."""
+    if args.stage != CHAIN:
+        return [checked_job(args, overrides)]
+    if overrides:
+        raise SubmitError(f"chain takes no key=value overrides ({overrides[0]}): put them in the jobs of "
+                          f"{args.config}")
+    jobs, products = [], {}
+    for index, job in enumerate(load_config(ChainConfig, args.config).jobs):
+        resolved = [resolve_references(override, products, job.name) for override in job.overrides]
+        planned = checked_job(job_arguments(args, job, index == 0), resolved, f"shorten-{args.config.stem}-{job.name}")
+        products[job.name] = product(job.stage, planned.config)
+        jobs.append(planned)
+    return jobs
+
+
+def sbatch_command(script: Path, after: str | None) -> list[str]:
+    return ["sbatch", "--parsable"] + ([f"--dependency=afterok:{after}"] if after else []) + [str(script)]
+
+
 def submit(script: Path, after: str | None) -> str:
-    command = ["sbatch", "--parsable"] + ([f"--dependency=afterok:{after}"] if after else []) + [str(script)]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(sbatch_command(script, after), capture_output=True, text=True)
     if result.returncode != 0:
         raise SubmitError(f"Slurm refused {script}: {result.stderr.strip() or result.stdout.strip()}")
     return result.stdout.strip().split(";")[0]
@@ -169,8 +284,8 @@ def submit(script: Path, after: str | None) -> str:
 
 def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=sorted(STAGES))
-    parser.add_argument("--config", type=Path, required=True, help="the stage's YAML recipe")
+    parser.add_argument("stage", choices=[*sorted(STAGES), CHAIN])
+    parser.add_argument("--config", type=Path, required=True, help="the stage's YAML recipe (chain: configs/chain/)")
     parser.add_argument("--nodes", type=int, default=1)
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (0 on CPU partitions)")
     parser.add_argument("--tasks-per-node", type=int, default=None,
@@ -194,34 +309,37 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     unknown = [o for o in overrides if "=" not in o]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.tasks_per_node is None:
-        args.tasks_per_node = max(1, args.gpus_per_node) if args.stage in REQUEUED_STAGES else 1
+    if args.tasks_per_node is None and args.stage != CHAIN:  # a chain's jobs default by their own stage
+        args.tasks_per_node = default_tasks(args.stage, args.gpus_per_node)
     return args, overrides
 
 
 def main(argv: list[str]) -> int:
     args, overrides = parse(argv)
-    check_signal_time(args)
-    config = stage_config(args.stage, args.config, overrides)
-    check_world(args.stage, config, args.nodes * args.tasks_per_node)
+    jobs = plan_jobs(args, overrides)
     if not args.dry_run:
         if shutil.which("sbatch") is None:
             raise SubmitError("sbatch not found on PATH: run on a Slurm login node, or use --dry-run to only "
                               "write the script")
         available = partition_gpus(args.partition)
-        if args.gpus_per_node > available:
-            raise SubmitError(f"--gpus-per-node {args.gpus_per_node} but partition "
+        needed = max(job.args.gpus_per_node for job in jobs)
+        if needed > available:
+            raise SubmitError(f"--gpus-per-node {needed} but partition "
                               f"{args.partition or '(default)'} has {available} GPUs per node: lower it or pick "
                               "another --partition")
     args.log_dir.mkdir(parents=True, exist_ok=True)
     previous: str | None = None  # the first job's own dependency (--after) is in its script
-    job_ids = []
-    for name, script in scripts_for(args.stage, args, overrides):
+    job_ids, scripts = [], [script for job in jobs for script in scripts_for(job.args.stage, job.args, job.overrides,
+                                                                             job.name)]
+    for index, (name, script) in enumerate(scripts):
         path = args.log_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
         path.write_text(script)
         if not args.parsable:
             print(f"--- {path}\n{script}")
         if args.dry_run:
+            if not args.parsable:  # the dependency on the job before, by name: its id exists once it is submitted
+                print("would run: " + " ".join(sbatch_command(path, f"<id of {scripts[index - 1][0]}>" if index
+                                                              else None)))
             continue
         previous = submit(path, previous)
         job_ids.append(previous)

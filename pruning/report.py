@@ -15,8 +15,10 @@ LOWER_IS_LESS_IMPORTANT = {
 
 
 def plot_block_importance(scores: Sequence[float], removed: Sequence[int], protected: Sequence[int],
-                          criterion: str, model_name: str, path: Path, labels: Sequence[str] | None = None) -> None:
-    """Bars of `scores` (one per block, or per module with `labels`), removed ones in red, protected in gray."""
+                          criterion: str, model_name: str, path: Path, labels: Sequence[str], unit: str = "block",
+                          xlabel: str = "block index") -> None:
+    """Bars of `scores` (one per block, or per module), each under its label (a block's index in the original
+    model, or block.attn / block.mlp), removed ones in red, protected in gray."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -30,12 +32,11 @@ def plot_block_importance(scores: Sequence[float], removed: Sequence[int], prote
     ax.bar(range(len(scores)), values, color=colors)
     if base == "ppl":
         ax.set_yscale("log")
-    ax.set_xlabel("block index" if labels is None else "module (block.attn, block.mlp)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(LOWER_IS_LESS_IMPORTANT.get(base, "importance"))
-    unit = "block" if labels is None else "module"
     ax.set_title(f"{model_name}: {unit} importance by {criterion} (red: removed, gray: protected)", fontsize=9)
-    ax.set_xticks(range(len(scores)), labels=labels)
-    ax.tick_params(axis="x", labelsize=7, rotation=0 if labels is None else 90)
+    ax.set_xticks(range(len(scores)), labels=list(labels))
+    ax.tick_params(axis="x", labelsize=7, rotation=0 if unit == "block" else 90)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

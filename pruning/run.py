@@ -27,6 +27,7 @@ from data.artifacts import (
 )
 from data.config import save_config, to_dict
 from data.embedded import resolve_model, resolve_text
+from data.lineage import Lineage
 from data.model_code import check_trust_remote_code, model_code_files
 from data.precision import resolve_device, resolve_precision, torch_dtype
 from data.text import load_documents
@@ -243,6 +244,7 @@ def prune(config: PruneConfig) -> PruneResult:
     else:
         num_remove, protected = plan_removal(config, skeleton)
     num_layers = model_config.num_hidden_layers
+    lineage = Lineage.of(model_path, num_layers, config.model)  # an earlier prune's numbering, if any
     del skeleton
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -278,6 +280,7 @@ def prune(config: PruneConfig) -> PruneResult:
         marked = (removed, protected)
     timings["scoring_s"] = time.perf_counter() - tick
 
+    lineage_after = lineage.after_prune(removed, config.criterion)
     params_after = count_parameters(model)
     ppl_after = criteria.calibration_perplexity(model, calibration, cal.batch_size)
     report = {
@@ -293,6 +296,10 @@ def prune(config: PruneConfig) -> PruneResult:
         "protected": protected,
         "removed": removed,
         "kept": kept,
+        "original_model": lineage.original_model,
+        "removed_original": lineage.original(removed),
+        "kept_original": lineage_after.blocks,
+        "blocks_original": lineage.blocks,
         **extras,
         "params_before": params_before,
         "params_after": params_after,
@@ -317,10 +324,17 @@ def prune(config: PruneConfig) -> PruneResult:
             verify_checkpoint(tmp, model)
         timings["save_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - start
+        lineage_after.write(tmp)
         report["fingerprints"]["output"] = directory_fingerprint(tmp)
         write_json_atomic(tmp / "pruning_report.json", report)
+        if config.unit == "module":
+            axis = dict(labels=extras["units"], unit="module", xlabel="module (block.attn, block.mlp)")
+        else:
+            renumbered = lineage.blocks != list(range(num_layers))
+            axis = dict(labels=[str(i) for i in lineage.blocks],
+                        xlabel="block index in the original model" if renumbered else "block index")
         plot_block_importance(scores, *marked, config.criterion, Path(str(config.model)).name,
-                              tmp / "block_importance.png", extras.get("units"))
+                              tmp / "block_importance.png", **axis)
         save_config(config, tmp / "prune_config.yaml")
     return PruneResult(output_dir, removed, kept, scores, report)
 

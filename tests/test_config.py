@@ -130,6 +130,11 @@ def test_every_shipped_recipe_loads(recipe, monkeypatch):
         for field in ("prune_recipe", "data_recipe", "cpt_recipe", "lora_recipe", "eval_recipe"):
             assert getattr(config, field).is_file(), f"{recipe} names a missing {field}"
         return
+    if path.parent == ROOT / "configs" / "chain":  # every job's recipe, the products of earlier jobs filled in
+        from launch.submit import parse, plan_jobs
+
+        assert plan_jobs(*parse(["chain", "--config", recipe]))
+        return
     stage = RECIPE_STAGES[path.relative_to(ROOT / "configs").parts[0]]
     given_at_run_time = ["model=embedded:smollm2-135m"] if stage == "eval" else []  # eval recipes name no model
     load_config(stage_config_class(stage), path, given_at_run_time)

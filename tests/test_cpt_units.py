@@ -22,8 +22,9 @@ from training.config import CPTConfig, ScheduleSection
 from training.cpt import plan_cpt
 from training.distributed import WorldInfo, first_slurm_host, slurm_environment
 from training.metrics import truncate_jsonl
-from training.optim import lr_multiplier, parameter_groups
+from training.optim import parameter_groups
 from training.run_dir import tag_for
+from training.schedule import LRPlan
 from training.throughput import flops_per_token, matmul_parameters
 from training.trainer import deepspeed_config
 
@@ -184,13 +185,13 @@ def test_cli_reports_a_bad_run_before_starting_anything(small_run, tmp_path, cas
 
 
 def test_schedule_warms_up_then_decays_to_the_floor():
-    multiplier = lr_multiplier(ScheduleSection(warmup_steps=10, decay="cosine", min_lr_ratio=0.1), 110)
+    multiplier = LRPlan.initial(ScheduleSection(warmup_steps=10, decay="cosine", min_lr_ratio=0.1), 110).multiplier
     assert multiplier(0) == pytest.approx(0.1) and multiplier(9) == pytest.approx(1.0)
     assert multiplier(10) == pytest.approx(1.0) and multiplier(109) == pytest.approx(0.1)
     assert multiplier(60) == pytest.approx(0.55, abs=0.01)  # halfway down the cosine
-    linear = lr_multiplier(ScheduleSection(warmup_fraction=0.0, decay="linear", min_lr_ratio=0.0), 11)
+    linear = LRPlan.initial(ScheduleSection(warmup_fraction=0.0, decay="linear", min_lr_ratio=0.0), 11).multiplier
     assert [round(linear(s), 2) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
-    assert lr_multiplier(ScheduleSection(decay="constant", warmup_fraction=0.5), 10)(7) == 1.0
+    assert LRPlan.initial(ScheduleSection(decay="constant", warmup_fraction=0.5), 10).multiplier(7) == 1.0
 
 
 def test_weight_decay_spares_norms_and_biases():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import weakref
 
 import pytest
 import torch
@@ -26,7 +27,7 @@ from tests.test_cpt import (
 )
 from training.checkpoint import CheckpointStore
 from training.config import CPTConfig
-from training.distill import DistillLoss, chunked_kl, kd_positions
+from training.distill import DistillLoss, TopK, chunked_kl, kd_positions, top_k_kl, top_k_mass
 from training.run_dir import tag_for
 from training.trainer import metric_value
 
@@ -57,6 +58,86 @@ def test_chunked_kl_keeps_the_student_dtype_and_is_zero_for_equal_logits():
     assert kl.dtype == torch.float32 and abs(float(kl)) < 1e-6
     kl.backward()
     assert logits.grad.dtype == torch.bfloat16 and float(logits.grad.abs().max()) < 1e-6
+
+
+def direct_top_k_kl(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tensor, k: int,
+                    temperature: float) -> torch.Tensor:
+    """Both distributions over the full vocabulary with everything outside the teacher's top k masked out."""
+    outside = torch.ones_like(teacher, dtype=torch.bool).scatter(-1, teacher.topk(k, dim=-1).indices, False)
+    log_t = F.log_softmax((teacher / temperature).masked_fill(outside, float("-inf")), -1)
+    log_s = F.log_softmax((student / temperature).masked_fill(outside, float("-inf")), -1)
+    per_row = (log_t.exp() * (log_t - log_s)).masked_fill(outside, 0.0).sum(-1)
+    return (per_row * weights).sum() / weights.sum()
+
+
+@pytest.mark.parametrize("temperature, k", [(1.0, 5), (2.0, 17), (0.5, 2)])
+def test_top_k_kl_equals_the_direct_computation(temperature, k):
+    generator = torch.Generator().manual_seed(1)
+    student = (3 * torch.randn(2, 6, 50, generator=generator)).requires_grad_()  # [batch, positions, vocab]
+    teacher = 3 * torch.randn(2, 6, 50, generator=generator)
+    weights = (torch.rand(12, generator=generator) > 0.3).float()
+    top = teacher.topk(k, dim=-1)
+    got = top_k_kl(student, top.values, top.indices, weights, temperature)
+    expected = direct_top_k_kl(student, teacher, weights.reshape(2, 6), k, temperature)
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-6), (float(got), float(expected))
+    (grad_got,) = torch.autograd.grad(got, student)
+    (grad_expected,) = torch.autograd.grad(expected, student)
+    assert torch.allclose(grad_got, grad_expected, rtol=1e-4, atol=1e-7)
+    in_top_k = torch.zeros_like(teacher, dtype=torch.bool).scatter(-1, top.indices, True)
+    assert not grad_got[~in_top_k].any(), "the student's logits outside the teacher's top k get no gradient"
+    assert not grad_got.reshape(12, 50)[weights == 0].any(), "rows without a label get no gradient"
+    # with k = the whole vocabulary it is the full KL
+    full = teacher.topk(50, dim=-1)
+    assert torch.allclose(top_k_kl(student, full.values, full.indices, weights, temperature),
+                          chunked_kl(student.reshape(12, 50), teacher.reshape(12, 50), weights, temperature, 16),
+                          rtol=1e-5)
+
+
+def test_top_k_mass_is_the_teachers_probability_in_its_top_k():
+    logits = torch.randn(3, 4, 40, generator=torch.Generator().manual_seed(2))
+    values = logits.topk(6, dim=-1).values
+    expected = F.softmax(logits / 2.0, -1).topk(6, dim=-1).values.sum(-1)
+    assert torch.allclose(top_k_mass(logits, values, 2.0, chunk=7), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [None, 8])
+def test_top_k_keeps_only_k_of_the_teachers_logits_through_the_students_step(cpt_inputs, top_k):
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(cpt_inputs["model"])
+    teacher = AutoModelForCausalLM.from_pretrained(cpt_inputs["model"]).eval()
+    vocab = student.config.vocab_size
+    ids = torch.randint(0, vocab, (2, 12), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, 5] = IGNORE_INDEX  # a document starts here: no target
+    batch = {"input_ids": ids, "position_ids": torch.arange(12).repeat(2, 1), "labels": labels}
+    seen = {}
+
+    def watched_teacher(**inputs):  # the teacher, with a weak reference to its [batch, seq, vocab] logits
+        output = teacher(**inputs)
+        seen["logits"] = weakref.ref(output.logits)
+        return output
+
+    def engine(**inputs):  # the student's forward: are the teacher's full logits still alive?
+        seen["alive"] = seen["logits"]() is not None
+        return student(**inputs)
+
+    loss_fn = DistillLoss(watched_teacher, alpha=0.25, temperature=2.0, chunk=1000, top_k=top_k)
+    loss, metrics = loss_fn(engine, batch)
+    assert seen["alive"] == (top_k is None)  # with top_k only [tokens, k] of the teacher lives on
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=ids, position_ids=batch["position_ids"]).logits[:, :-1]
+    student_logits = student(**batch).logits[:, :-1]
+    weights = kd_positions(labels)
+    if top_k:
+        target = loss_fn.teacher_target(teacher_logits, weights)[0]
+        assert isinstance(target, TopK) and target.values.shape == target.indices.shape == (2, 11, top_k)
+        kd = direct_top_k_kl(student_logits, teacher_logits, weights.reshape(2, 11), top_k, 2.0)
+        assert 0 < float(metrics["train.kd_top_k_mass"]) <= 1
+    else:
+        kd = direct_kl(student_logits.reshape(22, vocab), teacher_logits.reshape(22, vocab), weights, 2.0)
+    assert float(metrics["train.kd"]) == pytest.approx(float(kd), rel=1e-5)
+    assert float(loss) == pytest.approx(0.25 * float(metrics["train.ce"]) + 0.75 * 4 * float(kd), rel=1e-5)
 
 
 def test_kd_positions_follow_the_labels_of_packed_documents():
@@ -155,6 +236,19 @@ def test_a_teacher_with_another_tokenizer_is_refused(cpt_inputs, tmp_path, token
                                            f"output_dir={tmp_path / 'run'}", *COMMON, f"distill.teacher={teacher}"])
     with pytest.raises(ConfigError, match="another tokenizer than the student"):
         plan_cpt(config, WorldInfo(0, 0, 1))
+
+
+def test_a_top_k_of_one_or_above_the_vocabulary_is_refused(cpt_inputs, tmp_path):
+    from training.cpt import plan_cpt
+    from training.distributed import WorldInfo
+
+    run = [f"model={cpt_inputs['model']}", f"data.path={cpt_inputs['tokens']}", f"output_dir={tmp_path / 'run'}",
+           *COMMON, f"distill.teacher={cpt_inputs['model']}"]
+    with pytest.raises(ConfigError, match="distill.top_k must be at least 2"):
+        load_config(CPTConfig, None, [*run, "distill.top_k=1"])
+    with pytest.raises(ConfigError, match="distill.top_k=50000 is more than the teacher's 49152 logits"):
+        plan_cpt(load_config(CPTConfig, None, [*run, "distill.top_k=50000"]), WorldInfo(0, 0, 1))
+    assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.slow

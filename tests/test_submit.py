@@ -235,3 +235,82 @@ def test_array_tokenization_equals_a_single_process_run(slurm_cluster, cpt_input
     merged = json.loads((tmp_path / "array" / "manifest.json").read_text())
     assert merged["fingerprint"] == single["fingerprint"]
     assert merged["splits"] == single["splits"]
+
+
+def dry_run_scripts(stdout: str) -> tuple[list[Path], list[str]]:
+    """The scripts a dry run wrote, in submission order, and the sbatch command it shows for each."""
+    scripts = [Path(line[4:]) for line in stdout.splitlines() if line.startswith("--- ")]
+    commands = [line.removeprefix("would run: ") for line in stdout.splitlines() if line.startswith("would run: ")]
+    return scripts, commands
+
+
+def srun_line(script: Path) -> str:
+    return next(line for line in script.read_text().splitlines() if "launch/" in line and "python" in line)
+
+
+def test_chain_recipes_write_one_script_per_job_each_after_the_one_before(tmp_path):
+    """The iterative 60% chain (prune, distil, prune, distil) and the teacher-correction chain, as dry runs:
+    each job's script, the products of earlier jobs filled in, and each submission depending on the one before."""
+    result = submit(["chain", "--config", "configs/chain/vicuna7b_ppl_60_iterative.yaml", "--dry-run",
+                     "--log-dir", str(tmp_path / "iterative")], job_env_plain())
+    scripts, commands = dry_run_scripts(result.stdout)
+    names = [f"shorten-vicuna7b_ppl_60_iterative-{job}" for job in ("prune1", "distill1", "prune2", "distill2")]
+    assert [path.name.rsplit("-", 2)[0] for path in scripts] == names
+    assert commands == [f"sbatch --parsable {scripts[0]}"] + [
+        f"sbatch --parsable --dependency=afterok:<id of {name}> {path}" for name, path in zip(names[:-1], scripts[1:], strict=True)]
+    round2 = yaml.safe_load((ROOT / "configs" / "prune" / "vicuna7b_iter60_round2.yaml").read_text())["model"]
+    expected = ["launch/prune.py --config configs/prune/vicuna7b_iter60_round1.yaml",
+                "launch/cpt.py --config configs/cpt/vicuna7b_iter60_round1_distill.yaml model=outputs/vicuna7b_iter60_round1",
+                f"launch/prune.py --config configs/prune/vicuna7b_iter60_round2.yaml model={round2}",
+                "launch/cpt.py --config configs/cpt/vicuna7b_iter60_round2_distill.yaml model=outputs/vicuna7b_iter60_round2"]
+    for script, command in zip(scripts, expected, strict=True):
+        assert srun_line(script).endswith(command), srun_line(script)
+    for script in scripts[0::2]:  # the prunes: one GPU, no requeue
+        assert "#SBATCH --gpus-per-node=1" in script.read_text() and "--requeue" not in script.read_text()
+    for script in scripts[1::2]:  # the distillations: 4 nodes of 8 GPUs, requeued on a stop
+        assert {"#SBATCH --nodes=4", "#SBATCH --gpus-per-node=8", "#SBATCH --requeue"} <= \
+            set(script.read_text().splitlines())
+
+    result = submit(["chain", "--config", "configs/chain/vicuna7b_ppl_20_teacher_correction.yaml", "--dry-run",
+                     "--log-dir", str(tmp_path / "correction")], job_env_plain())
+    scripts, commands = dry_run_scripts(result.stdout)
+    assert len(scripts) == 2 and "--dependency=afterok:<id of shorten-vicuna7b_ppl_20_teacher_correction-correct>" \
+        in commands[1]
+    teacher = yaml.safe_load((ROOT / "configs" / "cpt" / "vicuna7b_ppl_20_distill_corrected.yaml").read_text())
+    assert srun_line(scripts[0]).endswith("--config configs/cpt/vicuna7b_teacher_correction.yaml")
+    assert srun_line(scripts[1]).endswith(f"distill.teacher={teacher['distill']['teacher']}")
+
+
+def test_a_chain_naming_a_later_job_or_given_overrides_is_refused(tmp_path):
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(yaml.safe_dump({"jobs": [
+        {"name": "a", "stage": "prune", "config": "configs/prune/smollm2_ppl_20.yaml", "overrides": ["model=${b}"]},
+        {"name": "b", "stage": "prune", "config": "configs/prune/smollm2_ppl_20.yaml"}]}))
+    result = submit(["chain", "--config", str(chain), "--dry-run", "--log-dir", str(tmp_path / "logs")],
+                    job_env_plain(), expect=2)
+    assert "job a: 'model=${b}' names ${b}, which is not an earlier job of the chain (earlier jobs: none)" in \
+        result.stderr
+    result = submit(["chain", "--config", "configs/chain/vicuna7b_ppl_60_iterative.yaml", "--dry-run",
+                     "train_steps=5"], job_env_plain(), expect=2)
+    assert "chain takes no key=value overrides (train_steps=5)" in result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_a_chain_is_submitted_with_each_job_after_the_one_before(slurm_cluster, cpt_inputs, tmp_path):
+    """On a real Slurm: held jobs, so nothing runs; Slurm records each dependency."""
+    chain = tmp_path / "chain.yaml"
+    chain.write_text(yaml.safe_dump({"jobs": [
+        {"name": "prune", "stage": "prune", "config": "configs/prune/smollm2_ppl_20.yaml",
+         "overrides": [f"model={cpt_inputs['model']}", f"output_dir={tmp_path / 'pruned'}"]},
+        {"name": "train", "stage": "cpt", "config": str(cpt_recipe(cpt_inputs, tmp_path / "run.yaml", tmp_path / "run")),
+         "overrides": ["model=${prune}"], "tasks_per_node": 2}]}))
+    result = submit(["chain", "--config", str(chain), "--gpus-per-node", "0", "--cpus-per-task", "1", "--time",
+                     "10:00", "--signal-seconds", "60", "--sbatch-arg=--hold", "--log-dir", str(tmp_path / "logs"),
+                     "--parsable"], job_env(slurm_cluster))
+    first, second = result.stdout.strip().split(",")
+    try:
+        assert slurm_cluster.show_job(first)["Dependency"] == "(null)"
+        assert slurm_cluster.show_job(second)["Dependency"].startswith(f"afterok:{first}")
+        assert f"model={tmp_path / 'pruned'}" in next((tmp_path / "logs").glob("*-train-*.sbatch")).read_text()
+    finally:
+        slurm_cluster.run("scancel", first, second)

@@ -142,12 +142,16 @@ class ScheduleSection:
     warmup_steps: int | None = None
     decay: Literal["cosine", "linear", "constant"] = "cosine"
     min_lr_ratio: float = 0.1
+    on_extend: Literal["continue", "rewarm"] | None = None
 
     __field_docs__ = {
         "warmup_fraction": "linear warmup over this share of the steps (ignored when warmup_steps is set)",
         "warmup_steps": "linear warmup over exactly this many steps",
         "decay": "after warmup: cosine or linear decay to min_lr_ratio x lr, or constant",
         "min_lr_ratio": "final lr as a fraction of the peak lr",
+        "on_extend": "resuming with another train_steps/train_tokens: continue = decay from the current lr to the "
+                     "floor at the new end, no warmup; rewarm = warm up to the peak again (warmup_steps or "
+                     "warmup_fraction of the remaining steps), then decay; unset: such a resume is refused",
     }
 
     def validate(self) -> None:
@@ -368,6 +372,7 @@ class DistillSection:
     alpha: float = 0.0
     temperature: float = 1.0
     chunk: int = 8192
+    top_k: int | None = None
 
     __field_docs__ = {
         "teacher": "HF checkpoint of the teacher, typically the unpruned model (pruning_report.json's model); "
@@ -375,6 +380,9 @@ class DistillSection:
         "alpha": "loss = alpha x CE + (1 - alpha) x T^2 x KL(teacher || student); 0 = logits only (Minitron)",
         "temperature": "softmax temperature T of both models' logits in the KL",
         "chunk": "vocabulary entries per chunk of the KL: fp32 logits are held for [tokens, chunk] at a time",
+        "top_k": "distil from the teacher's k largest logits only, both distributions renormalised over those k "
+                 "(NVIDIA Model-Optimizer's TopKLogitsKLLoss): [tokens, k] of the teacher kept instead of "
+                 "[tokens, vocab]; null: the full vocabulary",
     }
 
     def validate(self) -> None:
@@ -382,6 +390,9 @@ class DistillSection:
             raise ConfigError("distill.alpha must be in [0, 1] (1 = plain CE, 0 = KL only)")
         if self.temperature <= 0 or self.chunk < 1:
             raise ConfigError("distill.temperature must be positive and distill.chunk at least 1")
+        if self.top_k is not None and self.top_k < 2:
+            raise ConfigError("distill.top_k must be at least 2 (a KL over one entry is always 0), or null for the "
+                              "full vocabulary")
 
 
 @dataclass

@@ -17,6 +17,7 @@ from transformers import AutoConfig
 
 from data.config import ConfigError, to_dict
 from data.embedded import resolve_tasks
+from data.lineage import copy_lineage
 from data.loader import GlobalBatchLoader, collate
 from data.model_code import copy_model_code
 from data.packed import PackedSequences
@@ -77,9 +78,10 @@ def plan_cpt(config: CPTConfig, world: WorldInfo) -> CPTPlan:
         invariants["data.dynamic"] = to_dict(config.data.dynamic)
     fingerprints["teacher"] = None  # a distilled run resumed without its teacher is refused like another teacher
     if config.distill.teacher:
-        teacher_path = check_teacher(config.distill.teacher, tokenizer, config.trust_remote_code)
+        teacher_path = check_teacher(config.distill.teacher, tokenizer, config.distill.top_k, config.trust_remote_code)
         fingerprints["teacher"] = model_fingerprint(teacher_path)
-        invariants.update({"distill.alpha": config.distill.alpha, "distill.temperature": config.distill.temperature})
+        invariants.update({"distill.alpha": config.distill.alpha, "distill.temperature": config.distill.temperature,
+                           "distill.top_k": config.distill.top_k})
     plan = plan_training(config, world, model_path, fingerprints, config.total_steps(), config.data.seq_len, invariants)
     if plan.device.type == "cuda" and config.memory_check:
         check_memory(config, plan, teacher_path if config.distill.teacher else None)
@@ -105,12 +107,17 @@ def check_memory(config: CPTConfig, plan: RunPlan, teacher_path: str | None) -> 
         raise ConfigError(problem)
 
 
-def check_teacher(teacher: str, student_tokenizer, trust_remote_code: bool) -> str:
-    """The teacher's path; refused unless it reads text with exactly the student's tokenizer."""
+def check_teacher(teacher: str, student_tokenizer, top_k: int | None, trust_remote_code: bool) -> str:
+    """The teacher's path; refused unless it reads text with exactly the student's tokenizer and has at least
+    top_k logits."""
     path = check_model_path(teacher, trust_remote_code)
     if load_tokenizer(path).get_vocab() != student_tokenizer.get_vocab():
         raise ConfigError(f"distill.teacher {teacher} has another tokenizer than the student: distillation "
                           "compares logits token by token, so use the model the student was pruned from")
+    vocab = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code).get_text_config().vocab_size
+    if top_k is not None and top_k > vocab:
+        raise ConfigError(f"distill.top_k={top_k} is more than the teacher's {vocab} logits: lower it (Model-Optimizer"
+                          "'s default is 1024), or set distill.top_k=null for the full vocabulary")
     return path
 
 
@@ -124,6 +131,7 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
         AutoConfig.from_pretrained(plan.model_path).save_pretrained(directory)
         copy_model_code(plan.model_path, directory)
         tokenizer.save_pretrained(directory)
+        copy_lineage(plan.model_path, directory)  # a pruned model's original block numbers, for its exports
 
     prepare_run_dir(config, rank, template)
     data, validation, mixture = config.data, config.validation, plan.mixture
@@ -155,15 +163,15 @@ def build_cpt_trainer(config: CPTConfig, plan: CPTPlan, should_stop: Callable[[]
     def export(trainer: Trainer) -> Path:
         info = {"step": trainer.step, "tokens": trainer.tokens, "fingerprints": plan.fingerprints,
                 "source_run": str(config.output_dir)}
-        return export_from_engine(trainer.engine, config.zero_stage, rank, tokenizer,
-                                  RunDir(config.output_dir).export(trainer.step), torch_dtype(plan.precision), info)
+        run = RunDir(config.output_dir)
+        return export_from_engine(trainer.engine, config.zero_stage, rank, tokenizer, run.export(trainer.step),
+                                  torch_dtype(plan.precision), info, run.template)
 
     loss = causal_lm_loss
     if config.distill.teacher:
         distill = config.distill
-        loss = DistillLoss(load_teacher(config, plan, check_model_path(distill.teacher, config.trust_remote_code)),
-                           distill.alpha,
-                           distill.temperature, distill.chunk)
+        teacher = load_teacher(config, plan, check_model_path(distill.teacher, config.trust_remote_code))
+        loss = DistillLoss(teacher, distill.alpha, distill.temperature, distill.chunk, distill.top_k)
     return Trainer(config, plan, model, loader, should_stop, evaluations, export, loss)
 
 

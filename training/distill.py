@@ -12,6 +12,13 @@ The KL is computed by `chunked_kl`, a custom autograd function that walks the vo
 chunks: the fp32 copies of both logit tensors ([tokens, vocab] each) are never materialised, only
 [tokens, chunk] at a time, and the backward pass writes the gradient chunk by chunk,
 (softmax(s/T) - softmax(t/T)) / T, in the student logits' dtype.
+
+With `top_k` the teacher's logits are cut to their k largest entries per position right after its
+forward ([tokens, k] values and indices are kept, not [tokens, vocab]), and `top_k_kl` compares the
+two models on those k entries only, each distribution renormalised over them: NVIDIA
+Model-Optimizer's `TopKLogitsKLLoss` (modelopt/torch/distill/plugins/megatron.py, `logit_kl_topk`).
+The student's probability mass outside the teacher's top k takes no part in the loss and gets no
+gradient (no "rest" bucket).
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 from data.nll import IGNORE_INDEX
 from training.config import TrainingConfig
@@ -38,7 +47,7 @@ def _logsumexp(logits: torch.Tensor, temperature: float, chunk: int) -> torch.Te
     """fp32 logsumexp over the last dimension of logits / T, one vocabulary chunk at a time."""
     result = None
     for part in _chunks(logits.shape[-1], chunk):
-        piece = torch.logsumexp(logits[:, part].float() / temperature, dim=-1)
+        piece = torch.logsumexp(logits[..., part].float() / temperature, dim=-1)
         result = piece if result is None else torch.logaddexp(result, piece)
     return result
 
@@ -81,6 +90,23 @@ def chunked_kl(student: torch.Tensor, teacher: torch.Tensor, weights: torch.Tens
     return ChunkedKL.apply(student, teacher.detach(), weights, temperature, chunk)
 
 
+def top_k_kl(student: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+             temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) over the teacher's top-k entries, both renormalised over them, weighted by
+    `weights` and averaged. `student`: [..., vocab] logits; `values`, `indices`: the teacher's top k, [..., k]."""
+    log_t = F.log_softmax(values.detach().float() / temperature, dim=-1)
+    log_s = F.log_softmax(student.gather(-1, indices).float() / temperature, dim=-1)
+    per_row = (log_t.exp() * (log_t - log_s)).sum(-1).reshape(-1)
+    weights = weights.float()
+    return (per_row * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def top_k_mass(logits: torch.Tensor, values: torch.Tensor, temperature: float, chunk: int) -> torch.Tensor:
+    """The teacher's probability mass in its top k `values` per row of [..., vocab] `logits`: what top-k KD sees."""
+    top = torch.logsumexp(values.float() / temperature, dim=-1)
+    return (top - _logsumexp(logits, temperature, chunk)).exp()
+
+
 def kd_positions(labels: torch.Tensor) -> torch.Tensor:
     """Weights [B*(S-1)] of the logit positions that predict a real next token (1) or not (0)."""
     return (labels[:, 1:] != IGNORE_INDEX).reshape(-1).float()
@@ -102,6 +128,13 @@ def teacher_clock(device: torch.device) -> Callable[[], Metric]:
     return stop
 
 
+class TopK(NamedTuple):
+    """The teacher's k largest logits and their vocabulary indices, [batch, positions, k] each."""
+
+    values: torch.Tensor
+    indices: torch.Tensor
+
+
 @dataclass
 class DistillLoss:
     """The CPT loss with a teacher: `loss(engine, batch) -> (loss, metrics)` for the Trainer.
@@ -115,25 +148,44 @@ class DistillLoss:
     alpha: float
     temperature: float
     chunk: int = DEFAULT_CHUNK
+    top_k: int | None = None
 
     def __call__(self, engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Metric]]:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        weights = kd_positions(batch["labels"])
         stop = teacher_clock(batch["input_ids"].device)
         with torch.no_grad():
             teacher_logits = self.teacher(**inputs, use_cache=False).logits
+            target, metrics = self.teacher_target(teacher_logits[:, :-1], weights)
+            del teacher_logits  # with top_k only [tokens, k] lives on through the student's step
         teacher_seconds = stop()
         logits = engine(**inputs, use_cache=False).logits
-        vocab = logits.shape[-1]
-        kd = chunked_kl(logits[:, :-1].reshape(-1, vocab), teacher_logits[:, :-1].reshape(-1, vocab),
-                        kd_positions(batch["labels"]), self.temperature, self.chunk)
+        kd = self.kl(logits[:, :-1], target, weights)
         loss = (1 - self.alpha) * self.temperature ** 2 * kd
-        metrics: dict[str, Metric] = {"train.kd": kd.detach(), "perf.teacher_s": teacher_seconds}
+        metrics.update({"train.kd": kd.detach(), "perf.teacher_s": teacher_seconds})
         if self.alpha > 0:
             model = getattr(engine, "module", engine)
             ce = model.loss_function(logits=logits, labels=batch["labels"], vocab_size=model.config.vocab_size)
             loss = self.alpha * ce + loss
             metrics["train.ce"] = ce.detach()
         return loss, metrics
+
+    def teacher_target(self, logits: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor | TopK, dict]:
+        """What the KL needs of the teacher's [batch, positions, vocab] logits: all of them, or their top k
+        (and, logged, the share of the teacher's probability those k hold: a tensor, read after the step)."""
+        if not self.top_k:
+            return logits, {}
+        top = TopK(*logits.topk(self.top_k, dim=-1))
+        mass = top_k_mass(logits, top.values, self.temperature, self.chunk).reshape(-1)
+        return top, {"train.kd_top_k_mass": (mass * weights).sum() / weights.sum().clamp_min(1.0)}
+
+    def kl(self, student: torch.Tensor, target: torch.Tensor | TopK, weights: torch.Tensor) -> torch.Tensor:
+        """The KL term on the student's [batch, positions, vocab] logits."""
+        if isinstance(target, TopK):
+            return top_k_kl(student, target.values, target.indices, weights, self.temperature)
+        vocab = student.shape[-1]
+        return chunked_kl(student.reshape(-1, vocab), target.reshape(-1, vocab), weights, self.temperature,
+                          self.chunk)
 
 
 def load_teacher(config: TrainingConfig, plan: RunPlan, path: str) -> torch.nn.Module:

@@ -17,6 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from data.artifacts import atomic_directory, library_versions, write_json_atomic
+from data.lineage import copy_lineage
 from data.model_code import check_trust_remote_code
 from training.checkpoint import METADATA, CheckpointError
 from training.distributed import barrier
@@ -26,7 +27,8 @@ ADAPTER_CONFIG = "adapter_config.json"  # PEFT's name; in a run's template it ma
 
 
 def save_hf_checkpoint(model: PreTrainedModel, state_dict: dict[str, torch.Tensor], tokenizer, output: Path,
-                       dtype: torch.dtype, info: dict) -> Path:
+                       dtype: torch.dtype, info: dict, template: Path | None = None) -> Path:
+    """`template`: the run's hf_template, whose lineage.json (which original blocks these are) the export carries."""
     state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype).contiguous()
              for k, v in state_dict.items()}
     model.config.dtype = dtype
@@ -35,18 +37,20 @@ def save_hf_checkpoint(model: PreTrainedModel, state_dict: dict[str, torch.Tenso
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "export_info.json", {**info, "dtype": str(dtype).removeprefix("torch."),
                                                      "versions": library_versions()})
+        if template is not None:
+            copy_lineage(template, tmp)
     return output
 
 
 def export_from_engine(engine, zero_stage: int, rank: int, tokenizer, output: Path, dtype: torch.dtype,
-                       info: dict) -> Path:
+                       info: dict, template: Path | None = None) -> Path:
     """Collective. ZeRO-3 gathers the partitioned weights to rank 0; ZeRO-1/2 hold them whole."""
     if zero_stage == 3:
         state = engine._zero3_consolidated_16bit_state_dict()  # rank 0 only; None elsewhere
     else:
         state = engine.module.state_dict() if rank == 0 else None
     if rank == 0:
-        save_hf_checkpoint(engine.module, state, tokenizer, output, dtype, info)
+        save_hf_checkpoint(engine.module, state, tokenizer, output, dtype, info, template)
     barrier()
     return output
 
@@ -57,7 +61,7 @@ def save_adapter_and_merged(model, tokenizer, run: RunDir, dtype: torch.dtype, i
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     merged = model.merge_and_unload()
-    save_hf_checkpoint(merged, merged.state_dict(), tokenizer, run.merged, dtype, info)
+    save_hf_checkpoint(merged, merged.state_dict(), tokenizer, run.merged, dtype, info, run.template)
 
 
 def write_lora_template(directory: Path, base_model: str, adapters) -> None:
@@ -114,4 +118,4 @@ def export_checkpoint(checkpoint: Path, output: Path, dtype: torch.dtype, trust_
     saved = json.loads((checkpoint / METADATA).read_text())
     info = {"step": saved["step"], "tokens": saved.get("tokens"), "source_checkpoint": str(checkpoint),
             "fingerprints": saved.get("fingerprints")}
-    return save_hf_checkpoint(model, state, AutoTokenizer.from_pretrained(template), output, dtype, info)
+    return save_hf_checkpoint(model, state, AutoTokenizer.from_pretrained(template), output, dtype, info, template)

@@ -23,6 +23,7 @@ from transformers import AutoConfig
 from data.alpaca import AlpacaExamples, load_alpaca, pad_collate, split_validation
 from data.artifacts import write_json_atomic
 from data.config import ConfigError
+from data.lineage import copy_lineage
 from data.loader import GlobalBatchLoader
 from data.model_code import copy_model_code
 from data.precision import torch_dtype
@@ -69,6 +70,7 @@ def build_lora_trainer(config: LoRAConfig, plan: RunPlan, should_stop: Callable[
         copy_model_code(plan.model_path, directory)
         tokenizer.save_pretrained(directory)
         write_lora_template(directory, plan.model_path, adapters)
+        copy_lineage(plan.model_path, directory)  # a pruned base's original block numbers, for the merged model
 
     prepare_run_dir(config, rank, template)
     run = RunDir(config.output_dir)

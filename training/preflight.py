@@ -33,6 +33,7 @@ from training.distributed import WorldInfo, on_gpu
 from training.kernels import check_kernels
 from training.profiling import check_profile
 from training.run_dir import RunDir
+from training.schedule import check_extension
 from training.tracking import check_trackers
 
 
@@ -141,6 +142,8 @@ def plan_training(config: TrainingConfig, world: WorldInfo, model_path: str, fin
                           "resume=true to continue it, or choose a new output_dir")
     if resume_from is not None:
         check_resume(config, resume_from, fingerprints, invariants)
+        check_extension(resume_from.metadata().get("schedule"), resume_from.step, total_steps, config.schedule,
+                        f"the checkpoint {resume_from.path}")
         needs_universal = resume_from.metadata()["world_size"] != world.world_size
         if needs_universal:  # before any process group: no collective waits on this, however long it takes
             ensure_universal(resume_from, world.world_size)

@@ -46,10 +46,11 @@ from training.config import TrainingConfig
 from training.distributed import all_sum, barrier
 from training.kernels import speed_up
 from training.metrics import MetricsLogger
-from training.optim import build_optimizer, build_scheduler
+from training.optim import build_optimizer
 from training.preflight import RunPlan, checkpoint_store
 from training.profiling import oom_snapshot, step_profiler
 from training.run_dir import RunDir
+from training.schedule import LRPlan, apply_plan, build_scheduler
 from training.throughput import flops_per_token, peak_flops, peak_memory_gb
 from training.watchdog import StepWatchdog
 
@@ -186,12 +187,14 @@ class Trainer:
         # LoRA: the frozen base model is not trained, so it stays out of every checkpoint
         self.frozen_base = any(not p.requires_grad for p in model.parameters())
         optimizer = build_optimizer(model, config.optimizer, fused=plan.device.type == "cuda")
-        scheduler = build_scheduler(optimizer, config.schedule, plan.total_steps)
+        self.lr_plan = LRPlan.initial(config.schedule, plan.total_steps)  # a resume restores the run's own
+        scheduler = build_scheduler(optimizer, lambda: self.lr_plan)
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, plan))
         self.loader, self.evaluations, self.exporter, self.loss = loader, list(evaluations), exporter, loss
         self.step, self.tokens, self.skipped_steps = 0, 0, 0
         self.tracker_states: dict[str, dict] = {}  # the tracked runs (W&B, MLflow) to continue, from a checkpoint
+        self.extension: dict[str, float | int | str] = {}  # logged with the first step after an extension
         torch.manual_seed(config.seed + self.rank)  # dropout differs per rank; a resume restores the streams
         if plan.resume_from is not None:
             self.resume()
@@ -247,6 +250,8 @@ class Trainer:
             bad = skipped and diverging(self.plan.precision, loss_sum)
             skipped_in_a_row = skipped_in_a_row + 1 if bad else 0
             metrics = self.step_metrics(loss_sum / self.world_size, lr, tokens / elapsed, elapsed, data_wait)
+            metrics.update(self.extension)
+            self.extension = {}
             for name, value in zip(local_extras, extras, strict=True):
                 metrics[name] = value / self.world_size
                 if name.endswith("_s"):
@@ -366,6 +371,7 @@ class Trainer:
         """Our part of a checkpoint, plain types only: it goes to shorten_checkpoint.json, not into a pickle."""
         return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
                 "loader": self.loader.state_dict(), "world_size": self.world_size,
+                "schedule": self.lr_plan.state(),
                 "evaluation": self.evaluation[1] if self.evaluation[0] == self.step else {},
                 "config": to_dict(self.config), "fingerprints": self.plan.fingerprints,
                 "versions": library_versions(), "trackers": self.metrics.tracker_states()}
@@ -395,6 +401,22 @@ class Trainer:
         if self.rank == 0:
             print(f"resumed from {checkpoint.path} at step {self.step} "
                   f"({self.loader.consumed_samples:,} samples consumed)")
+        if "schedule" in state:
+            self.lr_plan = LRPlan.from_state(state["schedule"])
+            if self.lr_plan.total != self.plan.total_steps:  # preflight made sure on_extend says how
+                self.extend_schedule()
+
+    def extend_schedule(self) -> None:
+        """Re-plan the learning rate from the scheduler's position to the new total (`schedule.on_extend`)."""
+        mode, position, before = self.config.schedule.on_extend, self.scheduler.last_epoch, self.lr_plan.total
+        self.lr_plan = self.lr_plan.extended(position, self.plan.total_steps, mode, self.config.schedule)
+        apply_plan(self.scheduler)
+        self.extension = {"schedule.on_extend": mode, "schedule.planned_steps": before,
+                          "schedule.total_steps": self.plan.total_steps}
+        if self.rank == 0:
+            print(f"schedule extended from {before} to {self.plan.total_steps} steps (schedule.on_extend={mode}): "
+                  f"lr {self.scheduler.get_last_lr()[0]:.3g} at step {self.step + 1}, "
+                  f"{self.config.optimizer.lr * self.lr_plan.multiplier(self.plan.total_steps - 1):.3g} at the end")
 
     def export(self) -> None:
         if self.exporter is not None:
