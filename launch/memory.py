@@ -4,9 +4,10 @@ recommended settings of the recipes.
   python launch/memory.py --config configs/cpt/vicuna7b_ppl_20.yaml [key=value ...] [--gpus 8]
   python launch/memory.py --write      # rewrites the memory notes of configs/cpt/*.yaml and the README table
 
-The model's shape comes from its config.json when the model directory exists; for the paper's recipes,
-whose models do not exist yet, from the pruning recipe that writes them (configs/prune/paper/, the same
-output_dir): the base model's published shape less the blocks it removes. The notes and the table are
+The model's shape comes from its config.json when the model directory exists; for the recipes, whose
+models do not exist yet, from the recipe that writes them (a prune in configs/prune/ with the same
+output_dir: its input's shape less the blocks it removes; a CPT run's export: its model's shape), down to
+a base model's published shape. The notes and the table are
 checked against this script's output by tests/test_memory.py, so they cannot drift from the model.
 """
 
@@ -37,24 +38,34 @@ WORLD, PRECISION, ATTENTION = 8, "bf16", "varlen"  # what the recipes are writte
 
 @functools.cache
 def model_shape(model: str):
-    """The ModelShape of a checkpoint directory, a paper base model, or a paper pruning recipe's output."""
-    from transformers import AutoConfig, LlamaConfig
-
+    """The ModelShape of a checkpoint directory, a paper base model, or the product of a recipe here."""
     from training.memory import ModelShape
 
-    if (Path(model) / "config.json").is_file():
-        return ModelShape.from_config(AutoConfig.from_pretrained(model))
-    if model in PAPER_BASES:
-        return ModelShape.from_config(LlamaConfig(**PAPER_BASES[model], vocab_size=32000, tie_word_embeddings=False))
-    import yaml
+    return ModelShape.from_config(published_config(model))
 
-    for recipe in sorted((ROOT / "configs" / "prune" / "paper").glob("*.yaml")):
+
+def published_config(model: str):
+    """The model's config: its config.json, a paper base model's published shape, or, for a model a recipe here
+    will write, the config of that recipe's input less the blocks a prune removes (configs/prune/, every
+    level: the paper's recipes and chains' rounds) or as it was (a CPT run's export, configs/cpt/)."""
+    import yaml
+    from transformers import AutoConfig, LlamaConfig
+
+    if (Path(model) / "config.json").is_file():
+        return AutoConfig.from_pretrained(model)
+    if model in PAPER_BASES:
+        return LlamaConfig(**PAPER_BASES[model], vocab_size=32000, tie_word_embeddings=False)
+    for recipe in sorted((ROOT / "configs" / "prune").rglob("*.yaml")):
         prune = yaml.safe_load(recipe.read_text())
-        if prune["output_dir"] == model and prune["model"] in PAPER_BASES:
-            base = dict(PAPER_BASES[prune["model"]])
-            base["num_hidden_layers"] -= prune["target"]["num_blocks"]
-            return ModelShape.from_config(LlamaConfig(**base, vocab_size=32000, tie_word_embeddings=False))
-    raise ConfigError(f"model {model}: no config.json there and no paper pruning recipe writes it; point model= at a "
+        if prune.get("output_dir") == model and (prune.get("target") or {}).get("num_blocks"):
+            config = published_config(prune["model"])
+            config.num_hidden_layers -= prune["target"]["num_blocks"]
+            return config
+    for recipe in sorted(RECIPES.glob("*.yaml")):
+        cpt = yaml.safe_load(recipe.read_text())
+        if Path(model).parent == Path(cpt["output_dir"]) / "exports":
+            return published_config(cpt["model"])
+    raise ConfigError(f"model {model}: no config.json there and no recipe in configs/ writes it; point model= at a "
                       "checkpoint directory")
 
 
