@@ -74,7 +74,7 @@ def train(inputs, run_dir: Path, world, *overrides: str, stop_at: int | None = N
     config = load_config(CPTConfig, None, [f"model={inputs['model']}", f"data.path={inputs['tokens']}",
                                            f"output_dir={run_dir}", *COMMON, "global_batch=4",
                                            "validation.every_steps=0", "checkpoint.every_steps=0",
-                                           "logging.tensorboard=false", *overrides])
+                                           "logging.trackers=[]", *overrides])
     plan = plan_cpt(config, world)
     trainer = build_cpt_trainer(config, plan, should_stop=lambda: stop_at is not None and trainer.step >= stop_at)
     return trainer.train()
