@@ -190,7 +190,7 @@ def test_smollm2_in_4_bits_reloads_and_evaluates_like_any_model(tmp_path, smollm
 
     evaluation = subprocess.run(
         [sys.executable, str(ROOT / "launch" / "eval.py"), "--config", str(ROOT / "configs" / "eval" / "demo.yaml"),
-         f"output_dir={tmp_path / 'eval'}", "zeroshot.limit=40", "perplexity.max_segments=16", "latency.warmup=0",
+         f"output_dir={tmp_path / 'eval'}", "zeroshot.limit=20", "perplexity.max_segments=8", "latency.warmup=0",
          "latency.runs=1", "latency.new_tokens=[8]",
          f"models=[{{name: original, path: {smollm2_dir}}}, {{name: gptq4, path: {out}}}]"],
         capture_output=True, text=True, timeout=900, cwd=ROOT)
