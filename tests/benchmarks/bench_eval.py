@@ -125,12 +125,15 @@ def main() -> None:
     latency = {name: statistics.fmean(r["latency_s"] for r in rs) for name, rs in results.items()}
     speed = {name: new_tokens / latency[name] for name in models}
     print()
+    kind = next(iter(results.values()))[0]["memory"]
+    print(f"peak memory: {kind}" + ("" if torch.cuda.is_available() else
+                                    " (on the CPU: both models are loaded in this one process, so it holds both)"))
     print("| model | blocks | matmul params | mean latency (s) | tokens/s | tokens/s per round "
-          "| peak GPU mem |")
+          "| peak memory |")
     print("|---|---:|---:|---:|---:|---|---:|")
     for name, rs in results.items():
         peaks = [r["peak_memory_gb"] for r in rs if r["peak_memory_gb"] is not None]
-        peak = f"{max(peaks):.2f} GB" if peaks else "n/a (CPU)"
+        peak = f"{max(peaks):.2f} GB" if peaks else "n/a"
         per_round = ", ".join(f"{r['tokens_per_s']:.2f}" for r in rs)
         print(f"| {name} | {blocks[name]} | {matmul[name] / 1e6:.1f}M | {latency[name]:.3f} | "
               f"{speed[name]:.2f} | {per_round} | {peak} |")
