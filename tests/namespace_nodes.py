@@ -137,6 +137,17 @@ class Node:
         self.run(["ip", "link", "set", "eth0", "up" if up else "down"])
 
 
+def _drop_bulk(root: Path, limit: int = 1 << 20) -> int:
+    """Delete the files over `limit` bytes under `root` (checkpoints, weights: gigabytes per two-node run, which
+    would fill a CI disk after a few failures) and return the MiB freed; logs and configs stay."""
+    freed = 0
+    for path in root.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.stat().st_size > limit:
+            freed += path.stat().st_size
+            path.unlink()
+    return freed >> 20
+
+
 class NamespaceNodes:
     """Nodes `names` on a private bridge, with per-node scratch and one shared directory."""
 
@@ -253,10 +264,14 @@ class NamespaceNodes:
         if left:
             self.failed = True
             warnings.warn(f"processes {sorted(left)} on the namespace nodes survived SIGKILL", stacklevel=2)
-        if keep or self.failed or os.environ.get("SLURM_TEST_KEEP") == "1":
+        if os.environ.get("SLURM_TEST_KEEP") == "1":
             warnings.warn(f"namespace node files kept for inspection in {self.dir}", stacklevel=2)
-            return
-        shutil.rmtree(self.dir, ignore_errors=True)
+        elif keep or self.failed:
+            dropped = _drop_bulk(self.dir)
+            warnings.warn(f"namespace node logs and configs kept for inspection in {self.dir} ({dropped} MiB of "
+                          "checkpoints and weights deleted; SLURM_TEST_KEEP=1 keeps everything)", stacklevel=2)
+        else:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
     # -- ssh -------------------------------------------------------------------------------------------
 
