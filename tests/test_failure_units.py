@@ -22,7 +22,7 @@ from data.loader import GlobalBatchLoader
 from tests.fixtures import ROOT, without_distributed_env
 from training import stop_signals
 from training.checkpoint import METADATA, CheckpointStore, capture_rng, restore_rng
-from training.distributed import free_port
+from training.distributed import clear_stale_build_locks, free_port
 from training.run_dir import tag_for
 from training.watchdog import StepWatchdog
 
@@ -220,6 +220,21 @@ def test_universal_conversion_runs_once_under_a_lock_and_restarts_after_a_killed
 
 
 @pytest.mark.slow  # two launch/cpt.py processes
+def test_a_build_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path, monkeypatch, capsys):
+    """A process killed while DeepSpeed JIT-builds an op leaves the builder's lock behind, and every later launch
+    would wait on it forever. Locks older than any build are removed at the start; a build under way keeps its."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    killed, building = tmp_path / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (killed, building):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    an_hour_ago = time.time() - 3600
+    os.utime(killed, (an_hour_ago, an_hour_ago))
+    assert clear_stale_build_locks() == [killed]
+    assert not killed.exists() and building.exists()
+    assert f"removed {killed}, 60 minutes old: a build of deepspeed_shm_comm was killed" in capsys.readouterr().out
+
+
 def test_ranks_that_cannot_meet_exit_2_within_the_timeout_naming_the_master(cpt_inputs, tmp_path):
     """The real launch/cpt.py as rank 0 and rank 1 of a world of 2 that never meet (each its own master port):
     rank 0 waits for a rank that never arrives, rank 1 for a master that never listens. Each gives up after

@@ -12,8 +12,10 @@ import contextlib
 import os
 import socket
 import subprocess
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -87,6 +89,28 @@ def on_gpu() -> bool:
     return os.environ.get("DS_ACCELERATOR") != "cpu" and torch.cuda.is_available()
 
 
+STALE_BUILD_LOCK_MINUTES = 10.0
+
+
+def clear_stale_build_locks(max_age_minutes: float = STALE_BUILD_LOCK_MINUTES) -> list[Path]:
+    """Remove the `lock` files torch's JIT extension builder leaves when its process is killed mid-build (DeepSpeed
+    builds its CPU shm_comm op at the first launch): every later launch would wait on such a lock forever,
+    silently. A build takes a minute or two, so a lock older than `max_age_minutes` has no builder left."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        with contextlib.suppress(FileNotFoundError):  # a build that just finished took its lock away
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_minutes * 60:
+                lock.unlink()
+                removed.append(lock)
+                print(f"removed {lock}, {age / 60:.0f} minutes old: a build of {lock.parent.name} was killed before "
+                      "it finished; it is built again now", flush=True)
+    return removed
+
+
 def init_distributed(timeout_minutes: float = 30.0) -> None:
     """The process group, with `timeout_minutes` for any collective (torch's default for NCCL is 10),
     meeting included: a master that cannot be reached, or ranks that never arrive, end in a
@@ -95,6 +119,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> None:
 
     import deepspeed  # heavy; imported only once the run is known to be valid
 
+    clear_stale_build_locks()
     try:
         deepspeed.init_distributed(dist_init_required=True, timeout=timedelta(minutes=timeout_minutes))
         if on_gpu():
