@@ -142,8 +142,8 @@ def _drop_bulk(root: Path, limit: int = 1 << 20) -> int:
     would fill a CI disk after a few failures) and return the MiB freed; logs and configs stay."""
     freed = 0
     for path in root.rglob("*"):
-        if path.is_file() and not path.is_symlink() and path.stat().st_size > limit:
-            freed += path.stat().st_size
+        if path.is_file() and not path.is_symlink() and (size := path.stat().st_size) > limit:
+            freed += size
             path.unlink()
     return freed >> 20
 

@@ -126,19 +126,20 @@ def assert_same_run(run_dir: Path, reference: Path, from_step: int = 1) -> None:
     assert worst <= ZERO_DIFFERENCE
 
 
+LATER_TAGS = [tag_for(step) for step in range(CHECKPOINT_STEP + 1, STEPS + 1)]  # the checkpoints a resume skips
+
+
 def drop_later_checkpoints(run_dir: Path) -> None:
     """Delete a finished run's checkpoints after CHECKPOINT_STEP: the comparisons read its losses and export,
     resumption only CHECKPOINT_STEP's, and each is 2.1 GB (four runs held them all: 16 GB of CI's disk)."""
-    later = [run_dir / "checkpoints" / tag_for(step) for step in range(CHECKPOINT_STEP + 1, STEPS + 1)]
     assert (run_dir / "checkpoints" / tag_for(STEPS)).is_dir(), "the run committed its last step"
-    for checkpoint in later:
-        shutil.rmtree(checkpoint, ignore_errors=True)
+    for tag in LATER_TAGS:
+        shutil.rmtree(run_dir / "checkpoints" / tag, ignore_errors=True)
 
 
 def copy_up_to_checkpoint(run_dir: Path, to: Path) -> None:
     """A run directory as if the run had stopped right after committing CHECKPOINT_STEP."""
-    later = [tag_for(step) for step in range(CHECKPOINT_STEP + 1, STEPS + 1)]
-    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("exports", *later))
+    shutil.copytree(run_dir, to, ignore=shutil.ignore_patterns("exports", *LATER_TAGS))
     (to / "checkpoints" / "latest").write_text(tag_for(CHECKPOINT_STEP))
 
 
